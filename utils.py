@@ -1,0 +1,235 @@
+"""Shared helpers: errors, array loading and validation, seeding, metrics, atomic files, logging.
+
+One home for each helper; the scripts import from here and never copy.
+"""
+import json
+import os
+import random
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = {  # the bundled digits demo (data/README.md), laid out like the paper's inputs
+    "phi1_train": os.path.join(HERE, "data/representations/pca/digitstrain_l2.npy"),
+    "phi1_test": os.path.join(HERE, "data/representations/pca/digitstest_l2.npy"),
+    "phi2_train": os.path.join(HERE, "data/representations/ocr/digitstrain.npy"),
+    "phi2_test": os.path.join(HERE, "data/representations/ocr/digitstest.npy"),
+    "labels_train": os.path.join(HERE, "data/labels/digitstrain_targets.npy"),
+    "labels_test": os.path.join(HERE, "data/labels/digitstest_targets.npy"),
+}
+
+
+class HumeError(Exception):
+    """A problem the user can fix (bad file, bad flag). Scripts print it as one line and exit 2."""
+
+
+def run_cli(main):
+    """Run a script's main(); a HumeError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        main()
+    except HumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def log(msg, quiet=False):
+    """The one place scripts print progress messages (stdout, flushed so logs interleave with tqdm)."""
+    if not quiet:
+        print(msg, flush=True)
+
+
+def warn(msg):
+    """A warning the user must see even with --quiet: one line on stderr."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- arrays
+
+def load_array(path, flag, mmap=False):
+    """Load a 2-D float array of representations from a .npy file, checked: exists, numeric, 2-D, finite."""
+    arr = _load_npy(path, flag, mmap)
+    if arr.ndim != 2:
+        raise HumeError(f"{flag} {path}: expected a 2-D array (n_points x dim), got shape {arr.shape}; "
+                        "reshape it to one row per point")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise HumeError(f"{flag} {path}: expected float features, got dtype {arr.dtype}; "
+                        "is this a labels file passed as representations?")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise HumeError(f"{flag} {path}: the array is empty (shape {arr.shape})")
+    _check_finite(arr, path, flag)
+    return arr if mmap else np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def load_labels(path, flag, n=None):
+    """Load a 1-D integer label vector (any integer values) and check its length against n points."""
+    y = _load_npy(path, flag, mmap=False)
+    if y.ndim == 2 and 1 in y.shape:
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise HumeError(f"{flag} {path}: expected a 1-D label vector, got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise HumeError(f"{flag} {path}: labels must be integers, got non-integer floats; "
+                            "is this a representations file passed as labels?")
+        y = y.astype(np.int64)
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise HumeError(f"{flag} {path}: labels must be integers, got dtype {y.dtype}")
+    if n is not None and len(y) != n:
+        raise HumeError(f"{flag} {path}: {len(y)} labels for {n} points; the labels must match the "
+                        "evaluation arrays row for row")
+    return y.astype(np.int64)
+
+
+def _load_npy(path, flag, mmap):
+    if not path or not os.path.isfile(path):
+        raise HumeError(f"{flag}: file not found: {path}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:  # corrupt file, pickled object array, not a .npy at all
+        raise HumeError(f"{flag} {path}: cannot be read as a .npy array ({type(e).__name__}: {e})") from None
+
+
+def _check_finite(arr, path, flag, chunk=1 << 16):
+    for start in range(0, arr.shape[0], chunk):  # chunked so memory-mapped arrays are never loaded whole
+        block = np.asarray(arr[start:start + chunk])
+        if not np.all(np.isfinite(block)):
+            row = start + int(np.nonzero(~np.all(np.isfinite(block), axis=1))[0][0])
+            raise HumeError(f"{flag} {path}: contains NaN or inf (first at row {row}); clean the array")
+
+
+def check_rows(arrays):
+    """arrays: list of (flag, array). All must have the same number of rows."""
+    rows = {flag: a.shape[0] for flag, a in arrays}
+    if len(set(rows.values())) > 1:
+        detail = ", ".join(f"{flag} has {r}" for flag, r in rows.items())
+        raise HumeError(f"row counts differ ({detail}); every array must hold the same points in the same order")
+
+
+def l2_normalize(x):
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------- seeding
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- metrics
+
+def contingency(y_pred, y_true):
+    """Counts C[i, j] = #points with predicted cluster i and class j, for arbitrary integer values."""
+    pred_ids, pred = np.unique(y_pred, return_inverse=True)
+    true_ids, true = np.unique(y_true, return_inverse=True)
+    C = np.zeros((len(pred_ids), len(true_ids)), dtype=np.int64)
+    np.add.at(C, (pred, true), 1)
+    return C, pred_ids, true_ids
+
+
+def cluster_acc(y_true, y_pred):
+    """Clustering accuracy under the best one-to-one cluster-to-class matching (Hungarian algorithm).
+
+    Clusters left without a class (more clusters than classes) count as wrong.
+    """
+    from scipy.optimize import linear_sum_assignment
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    C, _, _ = contingency(y_pred, y_true)
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    return float(C[rows, cols].sum() / len(y_true))
+
+
+def all_metrics(y_true, y_pred):
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    return {"acc": cluster_acc(y_true, y_pred),
+            "ari": float(adjusted_rand_score(y_true, y_pred)),
+            "nmi": float(normalized_mutual_info_score(y_true, y_pred))}
+
+
+def align_to(y_pred, y_ref):
+    """Relabel y_pred so its clusters carry the labels of the y_ref clusters they overlap most (Hungarian).
+
+    Clusters of y_pred that find no partner keep fresh labels not used by y_ref.
+    """
+    from scipy.optimize import linear_sum_assignment
+    C, pred_ids, ref_ids = contingency(y_pred, y_ref)
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    mapping = {pred_ids[r]: ref_ids[c] for r, c in zip(rows, cols)}
+    fresh = int(max(np.max(y_ref), np.max(y_pred))) + 1
+    for p in pred_ids:
+        if p not in mapping:
+            mapping[p], fresh = fresh, fresh + 1
+    return np.array([mapping[p] for p in y_pred], dtype=np.int64)
+
+
+def majority_vote(labelings):
+    """Per-point most frequent label across rows of labelings (n_tasks x n); ties go to the smaller label."""
+    labelings = np.asarray(labelings)
+    ids, inv = np.unique(labelings, return_inverse=True)
+    inv = inv.reshape(labelings.shape)
+    counts = np.zeros((len(ids), labelings.shape[1]), dtype=np.int64)
+    for row in inv:
+        counts[row, np.arange(labelings.shape[1])] += 1
+    return ids[counts.argmax(0)]
+
+
+def cv_score(features, y_pred, folds=10, seed=1):
+    """HUME's label-free generalisation score (SPEC §2): 10-fold CV accuracy of an unregularised
+    multinomial logistic regression that predicts the task's labels from phi2."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, cross_val_score
+    y_pred = np.asarray(y_pred)
+    if len(np.unique(y_pred)) < 2:
+        return 0.0  # a constant labeling carries no information: score it as worst
+    cv = KFold(n_splits=min(folds, len(y_pred)), shuffle=True, random_state=seed)
+    clf = LogisticRegression(C=np.inf, max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)  # folds missing a rare class
+        return float(np.mean(cross_val_score(clf, features, y_pred, cv=cv, scoring="accuracy")))
+
+
+# ---------------------------------------------------------------- files
+
+def atomic_write(path, write_fn):
+    """Write via write_fn(tmp_path) to a temporary file in the same folder, then rename over path:
+    readers never see a half-written file, and a crash leaves no partial output behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def torch_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def append_jsonl(path, record):
+    """One JSON object per line (DINO-style metrics log); appended whole, flushed."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def ensure_dir(path, flag):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise HumeError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise HumeError(f"{flag} {path}: the folder is not writable")
