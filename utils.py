@@ -4,6 +4,7 @@ One home for each helper; the scripts import from here and never copy.
 """
 import json
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -40,9 +41,10 @@ def run_cli(main):
 
 
 def log(msg, quiet=False):
-    """The one place scripts print progress messages (stdout, flushed so logs interleave with tqdm)."""
+    """The one place scripts print progress messages (through tqdm, so a running progress bar stays intact)."""
     if not quiet:
-        print(msg, flush=True)
+        from tqdm import tqdm
+        tqdm.write(msg)
 
 
 def warn(msg):
@@ -217,6 +219,13 @@ def atomic_write(path, write_fn):
 
 def torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def pickle_save(obj, path):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f)
+    atomic_write(path, write)
 
 
 def append_jsonl(path, record):

@@ -1,0 +1,139 @@
+"""Score a folder of HUME tasks: each task's ACC/ARI/NMI, their mean and std, and the paper's ensemble.
+
+    python evaluate.py                                  # the tasks of the bundled demo in ./linear_tasks/
+    python evaluate.py --phi1_path data/representations/mocov2/cifar10test_l2.npy \
+        --tasks_path tasks/inductive/moco_dino/cifar10/ --gt_labels_path data/labels/cifar10test_targets.npy
+
+Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py or the paper's writes them.
+Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
+label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
+"""
+import argparse
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import torch
+
+from utils import (DEMO, HumeError, align_to, all_metrics, atomic_write, load_array, load_labels, log,
+                   majority_vote, run_cli)
+
+TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--phi1_path", help="phi1 of the points to label; default: the bundled demo's test split")
+    p.add_argument("--tasks_path", default="./linear_tasks/", help="folder of linear_task_{seed}.pt files")
+    p.add_argument("--gt_labels_path", help="ground-truth labels of those points (scoring only); default: the "
+                   "demo's test labels when --phi1_path is not given")
+    p.add_argument("--json", help="also write everything reported to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
+    return p
+
+
+def find_tasks(folder):
+    """{seed: (task path, results path)} for every task in folder; every task needs its results pickle."""
+    if not os.path.isdir(folder):
+        raise HumeError(f"--tasks_path {folder}: no such folder")
+    seeds = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
+    if not seeds:
+        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt files; run hume.py with --exp_path "
+                        f"{folder} first")
+    tasks = {}
+    for s in seeds:
+        res = os.path.join(folder, f"results_{s}.pickle")
+        if not os.path.isfile(res):
+            raise HumeError(f"--tasks_path {folder}: linear_task_{s}.pt has no results_{s}.pickle (its CV score); "
+                            "rerun that seed or remove the task")
+        tasks[s] = (os.path.join(folder, f"linear_task_{s}.pt"), res)
+    return tasks
+
+
+def load_task(path, d1):
+    """Task encoder weight W (k x d1) from a saved state_dict of orthogonal(nn.Linear(d1, k, bias=False))."""
+    from hume import make_task_encoder
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        k, d = state["parametrizations.weight.original"].shape
+    except Exception as e:
+        raise HumeError(f"{path}: not a HUME task file ({type(e).__name__}: {e})") from None
+    if d != d1:
+        raise HumeError(f"{path}: task encoder expects phi1 of dimension {d}, but --phi1_path has {d1}; "
+                        "evaluate with the phi1 space the tasks were trained in")
+    encoder = make_task_encoder(d1, k)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise HumeError(f"{path}: does not load into orthogonal(nn.Linear({d1}, {k})): {str(e).splitlines()[0]}") \
+            from None
+    return encoder.weight.detach()
+
+
+def load_cv_score(path):
+    try:
+        with open(path, "rb") as f:
+            return float(pickle.load(f)["CV_Score"])
+    except Exception as e:
+        raise HumeError(f"{path}: cannot read its CV_Score ({type(e).__name__}: {e})") from None
+
+
+def evaluate(phi1, tasks, y_true=None):
+    """Per-task predictions, CV scores and (with labels) metrics, plus the ensemble. Returns a JSON-ready dict."""
+    phi1 = torch.from_numpy(phi1)
+    preds, cv = {}, {}
+    for seed, (task_path, res_path) in tasks.items():
+        preds[seed] = (phi1 @ load_task(task_path, phi1.shape[1]).T).argmax(1).numpy()
+        cv[seed] = load_cv_score(res_path)
+    best = max(cv, key=cv.get)
+    aligned = [align_to(preds[s], preds[best]) for s in tasks]
+    ensemble = majority_vote(aligned)
+    out = {"best_cv_seed": best, "tasks": {s: {"CV_Score": cv[s]} for s in tasks},
+           "ensemble_cluster_sizes": np.bincount(np.unique(ensemble, return_inverse=True)[1]).tolist()}
+    if y_true is not None:
+        for s in tasks:
+            out["tasks"][s].update(all_metrics(y_true, preds[s]))
+        names = ("acc", "ari", "nmi")
+        out["mean"] = {m: float(np.mean([out["tasks"][s][m] for s in tasks])) for m in names}
+        out["std"] = {m: float(np.std([out["tasks"][s][m] for s in tasks])) for m in names}
+        out["ensemble"] = all_metrics(y_true, ensemble)
+    return out
+
+
+def report(out, quiet):
+    rows = [f"{'seed':>6} {'CV':>7}" + ("" if "mean" not in out else f" {'ACC':>7} {'ARI':>7} {'NMI':>7}")]
+    for s, t in out["tasks"].items():
+        rows.append(f"{s:>6} {t['CV_Score']:7.4f}" +
+                    ("" if "acc" not in t else f" {t['acc']:7.4f} {t['ari']:7.4f} {t['nmi']:7.4f}"))
+    if "mean" in out:
+        mean, std, ens = out["mean"], out["std"], out["ensemble"]
+        rows.append("mean +- std over tasks: " + "  ".join(f"{m.upper()} {mean[m]:.4f} +- {std[m]:.4f}" for m in mean))
+        rows.append(f"ensemble of {len(out['tasks'])} (aligned to best-CV seed {out['best_cv_seed']}): " +
+                    "  ".join(f"{m.upper()} {v:.4f}" for m, v in ens.items()))
+    else:
+        rows.append(f"no --gt_labels_path: best-CV seed {out['best_cv_seed']}, "
+                    f"ensemble cluster sizes {out['ensemble_cluster_sizes']}")
+    log("\n".join(rows), quiet)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.phi1_path is None:
+        args.phi1_path = DEMO["phi1_test"]
+        args.gt_labels_path = args.gt_labels_path or DEMO["labels_test"]
+    phi1 = load_array(args.phi1_path, "--phi1_path")
+    y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
+    out = evaluate(phi1, find_tasks(args.tasks_path), y)
+    report(out, args.quiet)
+    if args.json:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+        atomic_write(args.json, write)
+
+
+if __name__ == "__main__":
+    run_cli(main)
