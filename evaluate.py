@@ -24,8 +24,7 @@ TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--phi1_path", help="phi1 of the points to label; default: the bundled demo's test split")
     p.add_argument("--tasks_path", default="./linear_tasks/", help="folder of linear_task_{seed}.pt files")
     p.add_argument("--gt_labels_path", help="ground-truth labels of those points (scoring only); default: the "

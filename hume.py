@@ -22,21 +22,23 @@ from tqdm import tqdm
 
 import hypergrad
 from utils import (DEMO, HumeError, all_metrics, append_jsonl, check_rows, cv_score, ensure_dir, l2_normalize,
-                   load_array, load_labels, log, pickle_save, run_cli, seed_everything, torch_save, warn)
+                   load_array, load_labels, log, make_parser, pickle_save, run_cli, seed_everything, torch_save,
+                   warn)
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--phi1_path", help="phi1 .npy (n x d1, rows L2-normalised); default: the bundled digits demo")
     p.add_argument("--phi2_path", help="phi2 .npy (n x d2), same rows as phi1; default: the bundled digits demo")
     p.add_argument("--phi1_path_val", help="phi1 of the evaluation points (inductive); give with --phi2_path_val")
     p.add_argument("--phi2_path_val", help="phi2 of the evaluation points (inductive); give with --phi1_path_val")
     p.add_argument("--gt_labels_path", help="labels of the evaluation points, used only to report metrics")
     p.add_argument("--k", type=int, default=10, help="number of classes of the labeling searched for")
-    p.add_argument("--inner_lr", type=float, default=0.001, help="step size of the inner gradient descent")
+    p.add_argument("--inner_lr", type=inner_lr_type, default=0.001,
+                   help="step size of the inner gradient descent; 'auto' = 1/lambda_max of phi2's second moment "
+                   "(use it for embeddings with unit-norm rows)")
     p.add_argument("--outer_lr", type=float, default=0.001, help="Adam step size for the task encoder")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the sparsemax labels")
     p.add_argument("--H_reg", type=float, default=10.0, help="weight of the entropy (balance) term")
@@ -63,8 +65,19 @@ def build_parser():
     return p
 
 
+def inner_lr_type(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def check_args(args):
-    positive = {"--inner_lr": args.inner_lr, "--outer_lr": args.outer_lr, "--tau": args.tau}
+    positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
+    if args.inner_lr != "auto":
+        positive["--inner_lr"] = args.inner_lr
     for flag, v in positive.items():
         if not v > 0:
             raise HumeError(f"{flag} must be > 0, got {v}")
@@ -140,10 +153,9 @@ def schedule(args, it):
     return args.outer_lr * 0.1 ** drops, args.tau / 10 ** drops
 
 
-def outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, tau, args):
-    """One outer iteration: mean loss over subsets, its exact hypergradient, clip to 1.0, Adam step.
+def hypergradient(encoder, phi1, phi2a, idx, m_tr, w0, tau, args):
+    """Mean outer loss over the subsets idx (S, m); its gradient is accumulated into the encoder's .grad.
     The orthogonal parametrisation is evaluated and back-propagated once, however many subsets."""
-    opt.zero_grad(set_to_none=True)
     W = encoder.weight
     W_leaf = W.detach().requires_grad_(True)
     method = "first_order" if args.first_order else args.hypergrad
@@ -156,9 +168,16 @@ def outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, tau, args):
         (losses.sum() / S).backward()
         total, fits = total + losses.detach().sum() / S, fits + [fit]
     W.backward(W_leaf.grad)
+    return total, torch.cat(fits)
+
+
+def outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, tau, args):
+    """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step."""
+    opt.zero_grad(set_to_none=True)
+    loss, fit = hypergradient(encoder, phi1, phi2a, idx, m_tr, w0, tau, args)
     nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
     opt.step()
-    return total, torch.cat(fits)
+    return loss, fit
 
 
 @torch.no_grad()
@@ -170,6 +189,18 @@ def fit_summary(fit):
     """Mean inner diagnosis over subsets: CE before/after the inner loop, share lowered, train agreement."""
     ce0, ceT, agree = fit.mean(0).tolist()
     return {"ce_start": ce0, "ce_end": ceT, "ce_drop": (ce0 - ceT) / max(ce0, 1e-12), "train_agreement": agree}
+
+
+def resolve_inner_lr(args, phi2):
+    """Turn --inner_lr auto into 1/lambda_max; lambda_max is returned for the diagnosis either way."""
+    lam = hypergrad.lambda_max(phi2)
+    args.inner_lr_auto = args.inner_lr == "auto"
+    if args.inner_lr_auto:
+        args.inner_lr = 1.0 / lam
+    how = "auto = 1/lambda_max" if args.inner_lr_auto else "given"
+    log(f"inner_lr {args.inner_lr:.4g} ({how}); lambda_max of phi2 {lam:.4g}; "
+        f"inner_lr x lambda_max {args.inner_lr * lam:.3g} (stable below ~4)", args.quiet)
+    return lam
 
 
 def train(args, d):
@@ -186,6 +217,7 @@ def train(args, d):
     if not 1 <= m_tr < m:
         raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
+    lam = resolve_inner_lr(args, d["phi2"])
     encoder = make_task_encoder(d1, args.k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=args.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)
@@ -208,10 +240,17 @@ def train(args, d):
         if not np.isfinite(loss):
             raise HumeError(f"the outer loss became {loss} at iteration {it}; lower --outer_lr or --inner_lr")
         bar.set_postfix(loss=f"{loss:.4f}")
+        if it == 0:
+            d["inner_fit_first"] = fit_summary(fit)
+            message = hypergrad.diagnose(d["inner_fit_first"], args.inner_lr, lam)
+            if message:
+                warn(message)
         if args.save_all:
             torch_save(encoder.state_dict(), os.path.join(args.exp_path, f"linear_task_{it}_{args.seed}.pt"))
         if (it + 1) % args.eval_every == 0 or it + 1 == args.num_iters:
-            record = {"iteration": it + 1, "loss": loss, "tau": tau, "lr": lr, "inner_fit": fit_summary(fit),
+            d["inner_fit_last"] = fit_summary(fit)
+            record = {"iteration": it + 1, "loss": loss, "tau": tau, "lr": lr, "inner_lr": args.inner_lr,
+                      "inner_fit": d["inner_fit_last"],
                       "seconds": round(time.time() - start, 3)}
             if d["y_val"] is not None:
                 record["metrics"] = all_metrics(d["y_val"], predict(encoder, phi1_val))
@@ -225,7 +264,8 @@ def finish(args, d, encoder, seconds):
     """Predictions on the evaluation set, the label-free CV score, and the paper's two files (atomic)."""
     preds = predict(encoder, torch.from_numpy(d["phi1_val"]).to(args.device))
     results = {"CV_Score": cv_score(d["phi2_val"], preds), "preds": preds, "args": vars(args),
-               "seconds": seconds}
+               "seconds": seconds, "inner_lr": args.inner_lr,
+               "inner_fit": {"first": d.get("inner_fit_first"), "last": d.get("inner_fit_last")}}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
     state = {k: v.cpu() for k, v in encoder.state_dict().items()}

@@ -216,3 +216,55 @@ def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="a
         raise ValueError(f"unknown hypergradient method {method!r}")
     mean_label = p.Y_rows[p.inv].mean(1)  # (S, k) over X_tr and X_te together
     return ce - H_reg * entropy(mean_label), fit
+
+
+# ---------------------------------------------------------------- inner step size
+
+EXACT_MAX_DIM = 512  # up to this d2, form the (d2+1)^2 second moment and use an exact eigen-solver
+MAX_ROWS = 200_000  # second moment estimated from at most this many rows (seeded sample): ~1% accurate
+
+
+def lambda_max(phi2, seed=0):
+    """Largest eigenvalue of the second moment of [phi2, 1] (the ones column is the inner bias).
+
+    Gradient descent on the inner soft-label CE is stable up to a step of about 4 / lambda_max (the softmax
+    Jacobian's eigenvalues are at most 1/2); --inner_lr auto uses 1 / lambda_max. For small d2 an exact
+    eigen-solver on the second moment; otherwise Lanczos iterations (scipy eigsh) on products with the data.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+    n, d = phi2.shape
+    rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
+    X = np.asarray(phi2[rows], dtype=np.float64)
+    m = len(X)
+    if d + 1 <= EXACT_MAX_DIM:
+        Xa = np.hstack([X, np.ones((m, 1))])
+        return float(np.linalg.eigvalsh(Xa.T @ Xa / m)[-1])
+    colsum = X.sum(0)
+
+    def matvec(v):  # [X, 1]^T [X, 1] v / m without forming [X, 1]
+        v = np.ravel(v)
+        u = X @ v[:d] + v[d]
+        return np.append(X.T @ u, u.sum()) / m
+
+    op = LinearOperator((d + 1, d + 1), matvec=matvec, dtype=np.float64)
+    v0 = np.append(colsum, m) / m  # the mean direction: usually close to the top eigenvector of a second moment
+    return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-10)[0][0])
+
+
+DROP_MIN = 0.1  # inner CE lowered by less than 10% over the inner loop at the first iteration: not training
+LR_LAM_MIN, LR_LAM_MAX = 0.01, 4.0  # inner_lr x lambda_max outside this range: far too small / divergent
+
+
+def diagnose(fit, lr, lam):
+    """One warning line when the inner classifier does not train (fit: hume.fit_summary), else None."""
+    rate = lr * lam
+    if rate > LR_LAM_MAX:
+        why = f"inner_lr x lambda_max = {rate:.3g} > {LR_LAM_MAX:g}: inner gradient descent diverges"
+    elif fit["ce_drop"] < DROP_MIN or rate < LR_LAM_MIN:
+        why = (f"the inner loop lowered its training loss by only {fit['ce_drop']:.1%} (train agreement "
+               f"{fit['train_agreement']:.1%}; inner_lr x lambda_max = {rate:.3g}): the inner classifier barely "
+               "trains, so the search has no signal")
+    else:
+        return None
+    return f"{why}. Use --inner_lr auto (here {1 / lam:.4g}) or a step near it."

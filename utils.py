@@ -2,6 +2,7 @@
 
 One home for each helper; the scripts import from here and never copy.
 """
+import argparse
 import json
 import os
 import pickle
@@ -38,6 +39,19 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_parser(doc):
+    """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
+    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def log(msg, quiet=False):

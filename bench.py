@@ -1,0 +1,158 @@
+"""Seconds per outer iteration and peak memory of HUME's hypergradient methods, side by side in one run.
+
+    python bench.py --scale demo
+    python bench.py --scale paper --num_subsets 2 --adaptation_steps 300        # CPU-sized; time scales with S x T
+    python bench.py --scale imagenet --num_subsets 1 --adaptation_steps 5,20    # memory growth per inner step
+    python bench.py --scale paper --device cuda --json bench.json
+
+Each (scale, method, steps) runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS over the RSS
+after the data is loaded; GPU: torch.cuda.max_memory_allocated). The machine's sustained GEMM rate (a 2048^3
+matmul, same run) gives each scale's "fraction of peak": the minimal 4 GEMMs of m_tr x d2 x k per inner step and
+subset (2 forward, 2 backward) divided by the time taken, as a share of that rate.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import hume
+from utils import DEMO
+
+SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
+    "demo": dict(n=None, d1=None, d2=None, k=10, subset_size=10000, train_fraction=0.9, S=5, T=100),
+    "paper": dict(n=50000, d1=512, d2=768, k=10, subset_size=10000, train_fraction=0.9, S=20, T=300),
+    "imagenet": dict(n=50000, d1=2048, d2=2048, k=1000, subset_size=20000, train_fraction=0.7, S=1, T=100),
+}
+
+
+def make_data(scale, n, seed=0):
+    if scale == "demo":
+        return np.load(DEMO["phi1_train"]), np.load(DEMO["phi2_train"])
+    c = SCALES[scale]
+    rng = np.random.default_rng(seed)
+    phi1 = rng.standard_normal((n, c["d1"]), dtype=np.float32)
+    phi1 /= np.linalg.norm(phi1, axis=1, keepdims=True)
+    return phi1, rng.standard_normal((n, c["d2"]), dtype=np.float32) * 3  # row norms in the tens, like raw features
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(job):
+    """One measurement: outer iterations of one method at one scale; returns seconds/iteration and memory."""
+    torch.manual_seed(0)
+    dev = torch.device(job["device"])
+    phi1, phi2 = make_data(job["scale"], job["n"])
+    phi1, phi2 = torch.from_numpy(phi1).to(dev), torch.from_numpy(phi2).to(dev)
+    phi2a = torch.cat([phi2, torch.ones(len(phi2), 1, device=dev)], 1)
+    n, d1 = phi1.shape
+    m = min(job["subset_size"], n)
+    m_tr = int(job["train_fraction"] * m)
+    S, T, k = job["S"], job["T"], job["k"]
+    encoder = hume.make_task_encoder(d1, k).to(dev)
+    opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    args = SimpleNamespace(hypergrad="unrolled" if job["method"] == "unrolled" else "adjoint",
+                           first_order=job["method"] == "first_order", inner_lr=1e-3, adaptation_steps=T, H_reg=10.0)
+    gen = torch.Generator().manual_seed(0)
+    base = rss_mib()
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = job["tf32"]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    times = []
+    for _ in range(job["warmup"] + job["iters"]):
+        idx = hume.sample_subsets(gen, n, S, m).to(dev)
+        w0 = hume.init_inner(gen, S, k, phi2.shape[1], phi2.dtype).to(dev)
+        t0 = time.perf_counter()
+        loss, _ = hume.outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, 0.1, args)
+        loss.item()  # waits for the device
+        times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sec = float(np.median(times[job["warmup"]:]))
+    flops = 4 * 2 * m_tr * (phi2.shape[1] + 1) * k * S * T
+    return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "n": n}
+
+
+def gemm_rate(device, size=2048, repeats=5):
+    """Sustained float32 GEMM rate of this machine in GFLOP/s (median of repeats)."""
+    dev = torch.device(device)
+    a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / float(np.median(times[1:])) / 1e9
+
+
+def run_job(job):
+    out = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(job)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode != 0:
+        sys.exit(f"bench worker failed for {job}:\n{out.stderr.strip().splitlines()[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = make_parser(__doc__)
+    p.add_argument("--scale", nargs="+", choices=list(SCALES), default=["demo"], help="named problem sizes")
+    p.add_argument("--methods", default="adjoint,unrolled,first_order", help="comma list of methods to time")
+    p.add_argument("--n", type=int, help="number of synthetic points (paper/imagenet); subsets covering most "
+                   "points switch the engine to wide shared GEMMs")
+    p.add_argument("--num_subsets", type=int, help="override the scale's subsets per outer iteration")
+    p.add_argument("--adaptation_steps", help="override the scale's inner steps; a comma list measures each")
+    p.add_argument("--iters", type=int, default=2, help="timed outer iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed outer iterations first")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._worker:
+        print(json.dumps(worker(json.loads(a._worker))))
+        return
+    rate = gemm_rate(a.device)
+    name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s")
+    print(f"{'scale':9} {'method':12} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} {'vs unrolled':>12} "
+          f"{'of peak':>8}")
+    rows = []
+    for scale in a.scale:
+        c = dict(SCALES[scale])
+        c["n"] = a.n or c["n"]
+        c["S"] = a.num_subsets or c["S"]
+        for T in ([int(t) for t in a.adaptation_steps.split(",")] if a.adaptation_steps else [c["T"]]):
+            ref = None
+            for method in sorted(a.methods.split(","), key=lambda x: x != "unrolled"):  # reference first
+                job = dict(c, scale=scale, T=T, method=method, device=a.device, tf32=a.tf32, iters=a.iters,
+                           warmup=a.warmup)
+                r = run_job(job)
+                ref = r if method == "unrolled" else ref
+                row = dict(scale=scale, method=method, S=c["S"], T=T, n=r["n"], seconds=r["seconds"],
+                           peak_mib=r["peak_mib"], fraction_of_peak=r["gflop"] / r["seconds"] / rate,
+                           speedup_vs_unrolled=ref["seconds"] / r["seconds"] if ref else None,
+                           memory_vs_unrolled=r["peak_mib"] / ref["peak_mib"] if ref else None)
+                rows.append(row)
+                vs = "" if not ref else f"{row['speedup_vs_unrolled']:.2f}x"
+                print(f"{scale:9} {method:12} {c['S']:>3} {T:>4} {r['seconds']:9.3f} {r['peak_mib']:9.1f} "
+                      f"{vs:>12} {row['fraction_of_peak']:8.1%}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": name, "gemm_gflops": rate, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The hypergradient: adjoint vs finite differences (float64), vs the unrolled autograd reference, first order."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import hume
+import hypergrad
+
+
+def problem(n=40, d1=6, d2=5, k=3, dtype=torch.float64, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    phi1 = torch.nn.functional.normalize(torch.randn(n, d1, generator=g, dtype=dtype), dim=1)
+    phi2 = torch.randn(n, d2, generator=g, dtype=dtype) * scale
+    phi2a = torch.cat([phi2, torch.ones(n, 1, dtype=dtype)], 1)
+    torch.manual_seed(seed)
+    encoder = hume.make_task_encoder(d1, k).to(dtype)
+    return phi1, phi2a, encoder, g
+
+
+def settings(method="adjoint", inner_lr=0.1, steps=5, H_reg=1.0, first_order=False):
+    return SimpleNamespace(hypergrad=method, first_order=first_order, inner_lr=inner_lr, adaptation_steps=steps,
+                           H_reg=H_reg)
+
+
+def grad_of(encoder, *a):
+    encoder.zero_grad(set_to_none=True)
+    loss, _ = hume.hypergradient(encoder, *a)
+    return loss, torch.cat([p.grad.flatten() for p in encoder.parameters()])
+
+
+def loss_at(encoder, theta, phi1, phi2a, idx, m_tr, w0, tau, args):
+    """Outer loss with the encoder's parameter set to theta, no gradient (for finite differences)."""
+    param = next(encoder.parameters())
+    with torch.no_grad():
+        saved = param.clone()
+        param.copy_(theta.view_as(param))
+        W = encoder.weight
+        losses, _ = hypergrad.outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, args.inner_lr,
+                                           args.adaptation_steps, args.H_reg, args.hypergrad)
+        param.copy_(saved)
+    return losses.mean().item()
+
+
+@pytest.mark.parametrize("layout_n", [40, 200])  # 40: subsets cover the data (shared); 200: gathered
+def test_hypergradient_matches_finite_differences(layout_n):
+    phi1, phi2a, encoder, g = problem(n=layout_n)
+    S, m, m_tr = 2, 30, 20
+    idx = hume.sample_subsets(g, layout_n, S, m)
+    w0 = hume.init_inner(g, S, 3, 5, torch.float64)
+    a = (phi1, phi2a, idx, m_tr, w0, 0.3, settings())
+    _, grad = grad_of(encoder, *a)
+    theta = next(encoder.parameters()).detach().flatten()
+    fd = torch.zeros_like(theta)
+    eps = 1e-6
+    for i in continuous_entries(encoder):
+        e = torch.zeros_like(theta)
+        e[i] = eps
+        fd[i] = (loss_at(encoder, theta + e, *a) - loss_at(encoder, theta - e, *a)) / (2 * eps)
+    assert ((grad - fd).norm() / fd.norm()).item() <= 1e-6
+
+
+def continuous_entries(encoder):
+    """Flat indices of the parameter entries the loss depends on smoothly. torch's Householder parametrisation
+    (k < d1) reads the diagonal of `original` only through its integer part, as a column sign: piecewise constant,
+    so central differences across it are meaningless. Every other entry is tested."""
+    k, d1 = next(encoder.parameters()).shape
+    return [i * d1 + j for i in range(k) for j in range(d1) if i != j]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n,d1,d2,k,steps,m,frac,fixed,keep_probs", [
+    (60, 8, 7, 3, 6, 40, 0.7, False, True),
+    (60, 8, 7, 3, 6, 40, 0.7, False, False),   # recompute logits in the backward pass
+    (50, 5, 9, 4, 3, 500, 0.8, True, True),    # subset larger than n: capped, covers all points
+    (300, 10, 6, 5, 8, 50, 0.9, False, False),  # gathered layout
+    (300, 10, 6, 2, 1, 50, 0.5, True, True),   # one inner step
+])
+def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixed, keep_probs, monkeypatch):
+    if not keep_probs:
+        monkeypatch.setattr(hypergrad, "KEEP_PROBS_BYTES", 0)
+    phi1, phi2a, encoder, g = problem(n, d1, d2, k, dtype)
+    S = 3
+    m = min(m, n)
+    m_tr = int(frac * m)
+    idx = hume.sample_subsets(g, n, S, m)
+    w0 = hume.init_inner(g, 1 if fixed else S, k, d2, dtype).expand(S, -1, -1)
+    common = (phi1, phi2a, idx, m_tr, w0, 0.2)
+    loss_a, grad_a = grad_of(encoder, *common, settings("adjoint", inner_lr=0.5, steps=steps))
+    loss_u, grad_u = grad_of(encoder, *common, settings("unrolled", inner_lr=0.5, steps=steps))
+    assert abs(loss_a - loss_u).item() <= tol * max(1.0, abs(loss_u).item())
+    assert ((grad_a - grad_u).norm() / grad_u.norm()).item() <= tol
+
+
+@pytest.mark.parametrize("layout", ["shared", "gathered"])
+def test_layouts_agree(layout):
+    phi1, phi2a, encoder, g = problem(n=80)
+    idx = hume.sample_subsets(g, 80, 4, 60)
+    w0 = hume.init_inner(g, 4, 3, 5, torch.float64)
+    W = encoder.weight.detach().requires_grad_(True)
+    out = {}
+    for lay in ("shared", "gathered"):
+        losses, fit = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 40, w0, 0.2, 4, 1.0, "adjoint", lay)
+        out[lay] = (losses, torch.autograd.grad(losses.sum(), W)[0], fit)
+    for a, b in zip(out["shared"], out["gathered"]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_first_order_is_gradient_through_outer_labels_only():
+    """Finite differences of the outer loss with the inner solution w_T held fixed at its value for theta."""
+    phi1, phi2a, encoder, g = problem(n=40)
+    S, m, m_tr, steps, lr, tau = 2, 30, 20, 5, 0.1, 0.3
+    idx = hume.sample_subsets(g, 40, S, m)
+    w0 = hume.init_inner(g, S, 3, 5, torch.float64)
+    args = settings(first_order=True, inner_lr=lr, steps=steps)
+    _, grad = grad_of(encoder, phi1, phi2a, idx, m_tr, w0, tau, args)
+    with torch.no_grad():  # w_T for the current theta, computed independently with plain loops
+        Y = hypergrad.labels(phi1, encoder.weight, tau)
+        wT = []
+        for s in range(S):
+            X, Yt, w = phi2a[idx[s, :m_tr]], Y[idx[s, :m_tr]], w0[s]
+            for _ in range(steps):
+                w = w - lr * (torch.softmax(X @ w.T, 1) - Yt).T @ X / m_tr
+            wT.append(w)
+
+    def fixed_inner_loss(theta):
+        param = next(encoder.parameters())
+        with torch.no_grad():
+            saved = param.clone()
+            param.copy_(theta.view_as(param))
+            Y = hypergrad.labels(phi1, encoder.weight, tau)
+            param.copy_(saved)
+            total = 0.0
+            for s in range(S):
+                te = idx[s, m_tr:]
+                ce = -(Y[te] * torch.log_softmax(phi2a[te] @ wT[s].T, 1)).sum(1).mean()
+                p = Y[idx[s]].mean(0)
+                total += ce + args.H_reg * torch.special.xlogy(p, p).sum()
+        return (total / S).item()
+
+    theta = next(encoder.parameters()).detach().flatten()
+    fd = torch.zeros_like(theta)
+    for i in continuous_entries(encoder):
+        e = torch.zeros_like(theta)
+        e[i] = 1e-6
+        fd[i] = (fixed_inner_loss(theta + e) - fixed_inner_loss(theta - e)) / 2e-6
+    assert ((grad - fd).norm() / fd.norm()).item() <= 1e-6
+
+
+def test_inner_fit_reports_training_progress():
+    phi1, phi2a, encoder, g = problem(n=100)
+    idx = hume.sample_subsets(g, 100, 2, 80)
+    w0 = hume.init_inner(g, 2, 3, 5, torch.float64)
+    W = encoder.weight.detach()
+    _, fit_short = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 60, w0, 0.05, 1, 1.0, "adjoint")
+    _, fit_long = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 60, w0, 0.05, 200, 1.0, "adjoint")
+    assert torch.allclose(fit_short[:, 0], fit_long[:, 0])  # same start
+    assert (fit_long[:, 1] < fit_short[:, 1]).all()         # more steps, lower training CE
+    assert ((fit_long[:, 2] >= 0) & (fit_long[:, 2] <= 1)).all()
