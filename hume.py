@@ -9,9 +9,10 @@ human labeling. Labels are used only to report metrics.
     python hume.py --phi1_path P1.npy --phi2_path P2.npy --gt_labels_path Y.npy --k 10 --exp_path tasks/run/ --seed 0
 
 Writes to --exp_path: linear_task_{seed}.pt and results_{seed}.pickle (the paper's formats, see evaluate.py) and
-metrics_{seed}.jsonl (one JSON object per evaluation). Bad inputs end with one line on stderr and exit code 2.
+metrics_{seed}.jsonl (one JSON object per evaluation) and checkpoint_{seed}.pt (every --ckpt_every iterations;
+--resume continues from it). Bad inputs end with one line on stderr and exit code 2.
 """
-import argparse
+import json
 import os
 import time
 
@@ -20,10 +21,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import checkpoint
 import hypergrad
-from utils import (DEMO, HumeError, all_metrics, append_jsonl, check_rows, cv_score, ensure_dir, l2_normalize,
-                   load_array, load_labels, log, make_parser, pickle_save, run_cli, seed_everything, torch_save,
-                   warn)
+from inputs import check_args, gather, gather_range, inner_lr_type, load_data, num_rows, source
+from utils import (HumeError, all_metrics, append_jsonl, atomic_write, cv_score, ensure_dir, log, make_parser,
+                   pickle_save, run_cli, seed_everything, torch_save, warn)
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -31,14 +33,15 @@ MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterati
 def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--phi1_path", help="phi1 .npy (n x d1, rows L2-normalised); default: the bundled digits demo")
-    p.add_argument("--phi2_path", help="phi2 .npy (n x d2), same rows as phi1; default: the bundled digits demo")
+    p.add_argument("--phi2_path", nargs="+", help="phi2 .npy (n x d2), same rows as phi1; several files = several "
+                   "spaces, the outer loss averaged over them; default: the bundled digits demo")
     p.add_argument("--phi1_path_val", help="phi1 of the evaluation points (inductive); give with --phi2_path_val")
-    p.add_argument("--phi2_path_val", help="phi2 of the evaluation points (inductive); give with --phi1_path_val")
+    p.add_argument("--phi2_path_val", nargs="+", help="phi2 of the evaluation points, one per --phi2_path")
     p.add_argument("--gt_labels_path", help="labels of the evaluation points, used only to report metrics")
     p.add_argument("--k", type=int, default=10, help="number of classes of the labeling searched for")
     p.add_argument("--inner_lr", type=inner_lr_type, default=0.001,
-                   help="step size of the inner gradient descent; 'auto' = 1/lambda_max of phi2's second moment "
-                   "(use it for embeddings with unit-norm rows)")
+                   help="step size of the inner gradient descent; 'auto' = 1/lambda_max of phi2's second moment, "
+                   "one per space (use it for embeddings with unit-norm rows)")
     p.add_argument("--outer_lr", type=float, default=0.001, help="Adam step size for the task encoder")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the sparsemax labels")
     p.add_argument("--H_reg", type=float, default=10.0, help="weight of the entropy (balance) term")
@@ -55,80 +58,18 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42, help="seeds python, numpy and torch")
     # beyond the paper
     p.add_argument("--eval_every", type=int, default=20, help="evaluate and log metrics every N iterations")
+    p.add_argument("--ckpt_every", type=int, default=50, help="write checkpoint_{seed}.pt every N iterations")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_{seed}.pt in --exp_path if any")
     p.add_argument("--hypergrad", choices=["adjoint", "unrolled"], default="adjoint",
                    help="adjoint: batched, stores only inner iterates; unrolled: autograd graph (the paper's way)")
     p.add_argument("--first_order", action="store_true",
                    help="drop the inner loop's dependence on the labels (cheaper, approximate)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (faster, less precise)")
+    p.add_argument("--mmap", action="store_true", help="memory-map the .npy files and read only each iteration's "
+                   "subsets (arrays larger than RAM)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise phi1 rows (HUME expects unit-norm phi1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     return p
-
-
-def inner_lr_type(text):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-def check_args(args):
-    positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
-    if args.inner_lr != "auto":
-        positive["--inner_lr"] = args.inner_lr
-    for flag, v in positive.items():
-        if not v > 0:
-            raise HumeError(f"{flag} must be > 0, got {v}")
-    at_least = {"--num_iters": (args.num_iters, 0), "--adaptation_steps": (args.adaptation_steps, 1),
-                "--num_subsets": (args.num_subsets, 1), "--subset_size": (args.subset_size, 2),
-                "--eval_every": (args.eval_every, 1), "--k": (args.k, 2)}
-    for flag, (v, lo) in at_least.items():
-        if v < lo:
-            raise HumeError(f"{flag} must be >= {lo}, got {v}")
-    if not 0 < args.train_fraction < 1:
-        raise HumeError(f"--train_fraction must be between 0 and 1 (exclusive), got {args.train_fraction}")
-    if args.H_reg < 0:
-        raise HumeError(f"--H_reg must be >= 0, got {args.H_reg}")
-    if (args.phi1_path_val is None) != (args.phi2_path_val is None):
-        raise HumeError("give both --phi1_path_val and --phi2_path_val (inductive) or neither (transductive)")
-    if (args.phi1_path is None) != (args.phi2_path is None):
-        raise HumeError("give both --phi1_path and --phi2_path, or neither to run the bundled demo")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HumeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-
-
-def load_data(args):
-    """The arrays of one run (numpy, float32), checked against each other. Evaluation = training points when
-    no *_val paths are given (transductive)."""
-    if args.phi1_path is None and args.phi1_path_val is None and args.gt_labels_path is None:
-        args.phi1_path, args.phi2_path = DEMO["phi1_train"], DEMO["phi2_train"]
-        args.phi1_path_val, args.phi2_path_val = DEMO["phi1_test"], DEMO["phi2_test"]
-        args.gt_labels_path = DEMO["labels_test"]
-    d = {"phi1": load_array(args.phi1_path, "--phi1_path"), "phi2": load_array(args.phi2_path, "--phi2_path")}
-    check_rows([("--phi1_path", d["phi1"]), ("--phi2_path", d["phi2"])])
-    if args.phi1_path_val:
-        d["phi1_val"] = load_array(args.phi1_path_val, "--phi1_path_val")
-        d["phi2_val"] = load_array(args.phi2_path_val, "--phi2_path_val")
-        check_rows([("--phi1_path_val", d["phi1_val"]), ("--phi2_path_val", d["phi2_val"])])
-        for name, flag in (("phi1", "--phi1_path_val"), ("phi2", "--phi2_path_val")):
-            if d[name + "_val"].shape[1] != d[name].shape[1]:
-                raise HumeError(f"{flag} has dimension {d[name + '_val'].shape[1]} but the training {name} has "
-                                f"{d[name].shape[1]}; both must come from the same representation")
-    else:
-        d["phi1_val"], d["phi2_val"] = d["phi1"], d["phi2"]
-    n_val = d["phi1_val"].shape[0]
-    d["y_val"] = load_labels(args.gt_labels_path, "--gt_labels_path", n_val) if args.gt_labels_path else None
-    if args.k > d["phi1"].shape[0]:
-        raise HumeError(f"--k {args.k} is larger than the number of training points ({d['phi1'].shape[0]})")
-    norms = np.linalg.norm(d["phi1"], axis=1)
-    if args.normalize:
-        d["phi1"], d["phi1_val"] = l2_normalize(d["phi1"]), l2_normalize(d["phi1_val"])
-    elif np.abs(norms - 1).max() > 1e-3:
-        warn(f"--phi1_path rows are not unit norm (norms {norms.min():.3g} to {norms.max():.3g}); HUME's phi1 is "
-             "L2-normalised: pass --normalize to do it here")
-    return d
 
 
 def make_task_encoder(d1, k):
@@ -153,36 +94,48 @@ def schedule(args, it):
     return args.outer_lr * 0.1 ** drops, args.tau / 10 ** drops
 
 
-def hypergradient(encoder, phi1, phi2a, idx, m_tr, w0, tau, args):
-    """Mean outer loss over the subsets idx (S, m); its gradient is accumulated into the encoder's .grad.
-    The orthogonal parametrisation is evaluated and back-propagated once, however many subsets."""
+def hypergradient(encoder, phi1, phi2as, idx, m_tr, w0s, tau, args, total_subsets=None):
+    """Outer loss over the subsets idx (S, m), averaged over subsets and phi2 spaces; its gradient is accumulated
+    into the encoder's .grad. phi1/phi2as are gather() sources (phi2 with its ones column), w0s one init per space,
+    args.inner_lr one step (or a list, one per space). The orthogonal parametrisation is evaluated and
+    back-propagated once, however many subsets. total_subsets: the S the mean is over (idx may be a share of it)."""
     W = encoder.weight
     W_leaf = W.detach().requires_grad_(True)
     method = "first_order" if args.first_order else args.hypergrad
-    S = idx.shape[0]
-    chunks = [slice(s, s + 1) for s in range(S)] if method == "unrolled" else [slice(0, S)]
+    S = total_subsets or idx.shape[0]
+    rows, inv = torch.unique(idx, return_inverse=True)  # labels and features of each point are read once
+    phi1_r = gather(phi1, rows)
+    lrs = args.inner_lr if isinstance(args.inner_lr, list) else [args.inner_lr] * len(phi2as)
+    chunks = [slice(s, s + 1) for s in range(idx.shape[0])] if method == "unrolled" else [slice(None)]
     total, fits = 0.0, []
-    for c in chunks:  # the unrolled reference frees each subset's graph before building the next
-        losses, fit = hypergrad.outer_losses(phi1, phi2a, W_leaf, tau, idx[c], m_tr, w0[c], args.inner_lr,
-                                             args.adaptation_steps, args.H_reg, method)
-        (losses.sum() / S).backward()
-        total, fits = total + losses.detach().sum() / S, fits + [fit]
+    for phi2a, w0, lr in zip(phi2as, w0s, lrs):
+        phi2a_r = gather(phi2a, rows)
+        for c in chunks:  # the unrolled reference frees each subset's graph before building the next
+            losses, fit = hypergrad.outer_losses(phi1_r, phi2a_r, W_leaf, tau, inv[c], m_tr, w0[c], lr,
+                                                 args.adaptation_steps, args.H_reg, method)
+            (losses.sum() / (S * len(phi2as))).backward()
+            total, fits = total + losses.detach().sum() / (S * len(phi2as)), fits + [fit]
     W.backward(W_leaf.grad)
     return total, torch.cat(fits)
 
 
-def outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, tau, args):
-    """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step."""
+def outer_step(encoder, opt, phi1, phi2as, idx, m_tr, w0s, tau, args):
+    """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step.
+    Returns the loss, the inner fit and the gradient norm before clipping (tensors: no host sync here)."""
     opt.zero_grad(set_to_none=True)
-    loss, fit = hypergradient(encoder, phi1, phi2a, idx, m_tr, w0, tau, args)
-    nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-    opt.step()
-    return loss, fit
+    loss, fit = hypergradient(encoder, phi1, phi2as, idx, m_tr, w0s, tau, args)
+    gnorm = nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    if torch.isfinite(gnorm):
+        opt.step()
+    return loss, fit, gnorm
 
 
 @torch.no_grad()
-def predict(encoder, phi1):
-    return (phi1 @ encoder.weight.T).argmax(1).cpu().numpy()
+def predict(encoder, phi1, chunk=1 << 16):
+    """argmax(phi1 W^T) over a gather() source, in chunks (memory-mapped arrays are never read whole)."""
+    W = encoder.weight
+    return np.concatenate([(gather_range(phi1, i, i + chunk) @ W.T).argmax(1).cpu().numpy()
+                           for i in range(0, num_rows(phi1), chunk)])
 
 
 def fit_summary(fit):
@@ -191,85 +144,116 @@ def fit_summary(fit):
     return {"ce_start": ce0, "ce_end": ceT, "ce_drop": (ce0 - ceT) / max(ce0, 1e-12), "train_agreement": agree}
 
 
-def resolve_inner_lr(args, phi2):
-    """Turn --inner_lr auto into 1/lambda_max; lambda_max is returned for the diagnosis either way."""
-    lam = hypergrad.lambda_max(phi2)
+def resolve_inner_lr(args, phi2s):
+    """Turn --inner_lr auto into 1/lambda_max per phi2 space (a list when several). Returns the lambda_max list."""
+    lams = [hypergrad.lambda_max(p) for p in phi2s]
     args.inner_lr_auto = args.inner_lr == "auto"
-    if args.inner_lr_auto:
-        args.inner_lr = 1.0 / lam
+    lrs = [1.0 / lam for lam in lams] if args.inner_lr_auto else [args.inner_lr] * len(lams)
+    args.inner_lr = lrs if len(lrs) > 1 else lrs[0]
     how = "auto = 1/lambda_max" if args.inner_lr_auto else "given"
-    log(f"inner_lr {args.inner_lr:.4g} ({how}); lambda_max of phi2 {lam:.4g}; "
-        f"inner_lr x lambda_max {args.inner_lr * lam:.3g} (stable below ~4)", args.quiet)
-    return lam
+    for i, (lr, lam) in enumerate(zip(lrs, lams)):
+        log(f"phi2 space {i}: inner_lr {lr:.4g} ({how}); lambda_max {lam:.4g}; inner_lr x lambda_max "
+            f"{lr * lam:.3g} (stable below ~4)", args.quiet)
+    return lrs, lams
 
 
 def train(args, d):
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     seed_everything(args.seed)
-    phi1 = torch.from_numpy(d["phi1"]).to(dev)
-    phi2 = torch.from_numpy(d["phi2"]).to(dev)
-    phi2a = torch.cat([phi2, torch.ones(len(phi2), 1, device=dev)], 1)  # bias as a ones column
-    phi1_val = torch.from_numpy(d["phi1_val"]).to(dev)
-    n, d1 = phi1.shape
+    phi1 = source(d["phi1"], dev, args.normalize)
+    phi2as = [source(p, dev, ones=True) for p in d["phi2"]]
+    n, d1 = d["phi1"].shape
     m = min(args.subset_size, n)
     m_tr = int(args.train_fraction * m)
     if not 1 <= m_tr < m:
         raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
-    lam = resolve_inner_lr(args, d["phi2"])
+    lrs, lams = resolve_inner_lr(args, d["phi2"])
     encoder = make_task_encoder(d1, args.k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=args.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)
-    w0_fixed = init_inner(gen, 1, args.k, phi2.shape[1], phi2.dtype).to(dev) if args.no_rand_init else None
+    dims = [p.shape[1] for p in d["phi2"]]
+    w0_fixed = [init_inner(gen, 1, args.k, d2, torch.float32).to(dev) for d2 in dims] if args.no_rand_init else None
     metrics_path = os.path.join(args.exp_path, f"metrics_{args.seed}.jsonl")
-    open(metrics_path, "w").close()
-    start = time.time()
-    bar = tqdm(range(args.num_iters), disable=True if args.quiet else None, desc=f"HUME seed {args.seed}")
+    start_it, state = 0, {"seconds": 0.0}
+    resumed = checkpoint.load(args, encoder, opt, gen) if args.resume else None
+    if resumed:
+        start_it, state = resumed
+        w0_fixed = state.get("w0_fixed")
+        keep_log_until(metrics_path, start_it)
+        log(f"resumed from {checkpoint.path_for(args)} at iteration {start_it}", args.quiet)
+    else:
+        open(metrics_path, "w").close()
+    state["w0_fixed"] = w0_fixed
+    t0 = time.time() - state["seconds"]
+    bar = tqdm(range(start_it, args.num_iters), initial=start_it, total=args.num_iters,
+               disable=True if args.quiet else None, desc=f"HUME seed {args.seed}")
     for it in bar:
         lr, tau = schedule(args, it)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = sample_subsets(gen, n, args.num_subsets, m).to(dev)
-        if w0_fixed is None:
-            w0 = init_inner(gen, args.num_subsets, args.k, phi2.shape[1], phi2.dtype).to(dev)
-        else:
-            w0 = w0_fixed.expand(args.num_subsets, -1, -1)
-        loss, fit = outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, tau, args)
-        loss = loss.item()  # one host sync per outer iteration
-        if not np.isfinite(loss):
-            raise HumeError(f"the outer loss became {loss} at iteration {it}; lower --outer_lr or --inner_lr")
+        w0s = [w.expand(args.num_subsets, -1, -1) for w in w0_fixed] if w0_fixed else \
+            [init_inner(gen, args.num_subsets, args.k, d2, torch.float32).to(dev) for d2 in dims]
+        loss, fit, gnorm = outer_step(encoder, opt, phi1, phi2as, idx, m_tr, w0s, tau, args)
+        loss, gnorm = torch.stack([loss, gnorm]).tolist()  # one host sync per outer iteration
+        if not (np.isfinite(loss) and np.isfinite(gnorm)):
+            last = checkpoint.path_for(args) if os.path.isfile(checkpoint.path_for(args)) else "none written yet"
+            raise HumeError(f"the outer loss or its gradient became {loss if not np.isfinite(loss) else gnorm} at "
+                            f"iteration {it}; the task encoder was not updated. Last good checkpoint: {last}. "
+                            "Lower --outer_lr or --inner_lr (see the inner_lr x lambda_max line)")
         bar.set_postfix(loss=f"{loss:.4f}")
         if it == 0:
-            d["inner_fit_first"] = fit_summary(fit)
-            message = hypergrad.diagnose(d["inner_fit_first"], args.inner_lr, lam)
-            if message:
-                warn(message)
+            state["inner_fit_first"] = fit_summary(fit)
+            for msg in filter(None, [hypergrad.diagnose(state["inner_fit_first"], lr_j, lam)
+                                     for lr_j, lam in zip(lrs, lams)]):
+                warn(msg)
         if args.save_all:
             torch_save(encoder.state_dict(), os.path.join(args.exp_path, f"linear_task_{it}_{args.seed}.pt"))
         if (it + 1) % args.eval_every == 0 or it + 1 == args.num_iters:
-            d["inner_fit_last"] = fit_summary(fit)
+            state["inner_fit_last"] = fit_summary(fit)
             record = {"iteration": it + 1, "loss": loss, "tau": tau, "lr": lr, "inner_lr": args.inner_lr,
-                      "inner_fit": d["inner_fit_last"],
-                      "seconds": round(time.time() - start, 3)}
+                      "grad_norm": gnorm, "inner_fit": state["inner_fit_last"], "seconds": round(time.time() - t0, 3)}
             if d["y_val"] is not None:
-                record["metrics"] = all_metrics(d["y_val"], predict(encoder, phi1_val))
+                record["metrics"] = all_metrics(d["y_val"], predict(encoder, source(d["phi1_val"], dev,
+                                                                                    args.normalize)))
                 log(f"iter {it + 1}: loss {loss:.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items()), args.quiet)
             append_jsonl(metrics_path, record)
-    return encoder, time.time() - start
+        if (it + 1) % args.ckpt_every == 0 and it + 1 < args.num_iters:
+            state["seconds"] = time.time() - t0
+            checkpoint.save(args, it + 1, encoder, opt, gen, state)
+            kill_hook(it + 1)
+    state["seconds"] = time.time() - t0
+    return encoder, state
 
 
-def finish(args, d, encoder, seconds):
+def keep_log_until(path, iteration):
+    """On resume, drop log lines written after the checkpoint's iteration (they will be written again)."""
+    lines = [ln for ln in open(path)] if os.path.isfile(path) else []
+    kept = "".join(ln for ln in lines if json.loads(ln)["iteration"] <= iteration)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(kept))
+
+
+def kill_hook(iteration):
+    """Tests simulate a crash right after a checkpoint: HUME_TEST_KILL_AT=N ends the process without cleanup."""
+    if os.environ.get("HUME_TEST_KILL_AT") == str(iteration):
+        os._exit(137)
+
+
+def finish(args, d, encoder, state):
     """Predictions on the evaluation set, the label-free CV score, and the paper's two files (atomic)."""
-    preds = predict(encoder, torch.from_numpy(d["phi1_val"]).to(args.device))
-    results = {"CV_Score": cv_score(d["phi2_val"], preds), "preds": preds, "args": vars(args),
-               "seconds": seconds, "inner_lr": args.inner_lr,
-               "inner_fit": {"first": d.get("inner_fit_first"), "last": d.get("inner_fit_last")}}
+    dev = torch.device(args.device)
+    preds = predict(encoder, source(d["phi1_val"], dev, args.normalize))
+    cv = float(np.mean([cv_score(p, preds) for p in d["phi2_val"]]))  # several spaces: mean over them
+    results = {"CV_Score": cv, "preds": preds, "args": vars(args), "seconds": state["seconds"],
+               "inner_lr": args.inner_lr,
+               "inner_fit": {"first": state.get("inner_fit_first"), "last": state.get("inner_fit_last")}}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
-    state = {k: v.cpu() for k, v in encoder.state_dict().items()}
-    torch_save(state, os.path.join(args.exp_path, f"linear_task_{args.seed}.pt"))
+    torch_save({k: v.cpu() for k, v in encoder.state_dict().items()},
+               os.path.join(args.exp_path, f"linear_task_{args.seed}.pt"))
     pickle_save(results, os.path.join(args.exp_path, f"results_{args.seed}.pickle"))
     return results
 
@@ -280,14 +264,15 @@ def main(argv=None):
     d = load_data(args)
     ensure_dir(args.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
     mode = "inductive" if args.phi1_path_val else "transductive"
-    log(f"HUME {mode}: n={len(d['phi1'])} d1={d['phi1'].shape[1]} d2={d['phi2'].shape[1]} k={args.k} "
-        f"-> {args.exp_path}", args.quiet)
-    encoder, seconds = train(args, d)
-    results = finish(args, d, encoder, seconds)
-    summary = f"done in {seconds:.1f}s: CV score {results['CV_Score']:.4f}"
+    log(f"HUME {mode}: n={len(d['phi1'])} d1={d['phi1'].shape[1]} d2={[p.shape[1] for p in d['phi2']]} "
+        f"k={args.k} -> {args.exp_path}", args.quiet)
+    encoder, state = train(args, d)
+    results = finish(args, d, encoder, state)
+    summary = f"done in {state['seconds']:.1f}s: CV score {results['CV_Score']:.4f}"
     if "metrics" in results:
         summary += " | " + " ".join(f"{k.upper()} {v:.4f}" for k, v in results["metrics"].items())
     log(summary, args.quiet)
+    return results
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ class Sparsemax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z):
         k = z.shape[-1]
+        z = z - z.max(-1, keepdim=True).values  # shift-invariant; keeps float32 cumsums exact for large offsets
         z_sorted, _ = torch.sort(z, dim=-1, descending=True)
         cumsum = z_sorted.cumsum(-1)
         ranks = torch.arange(1, k + 1, dtype=z.dtype, device=z.device)

@@ -1,0 +1,345 @@
+"""utils' metrics, ensembling, cv_score, loading and atomic files against independent references:
+brute force over all matchings, pair counting, direct entropy sums, collections.Counter, a direct
+sklearn computation. Never against our own output."""
+import collections
+import itertools
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.model_selection import KFold, cross_val_score
+
+import utils
+
+
+# ---------------------------------------------------------------- independent references
+
+def brute_force_acc(y_true, y_pred):
+    """Best one-to-one matching between the cluster ids and the class ids present, by trying every
+    injective map from the smaller set into the larger; unmatched points count as wrong."""
+    classes = sorted(set(y_true.tolist()))
+    clusters = sorted(set(y_pred.tolist()))
+    pairs = collections.Counter(zip(y_pred.tolist(), y_true.tolist()))
+    best = 0
+    if len(clusters) <= len(classes):
+        for image in itertools.permutations(classes, len(clusters)):
+            best = max(best, sum(pairs[(c, t)] for c, t in zip(clusters, image)))
+    else:
+        for image in itertools.permutations(clusters, len(classes)):
+            best = max(best, sum(pairs[(c, t)] for c, t in zip(image, classes)))
+    return best / len(y_true)
+
+
+def pair_counting_ari(a, b):
+    """Adjusted Rand index from its definition, counting agreeing pairs of points one by one."""
+    n = len(a)
+    same_a = same_b = same_both = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            sa, sb = a[i] == a[j], b[i] == b[j]
+            same_a += sa
+            same_b += sb
+            same_both += sa and sb
+    total = n * (n - 1) / 2
+    expected = same_a * same_b / total
+    max_index = (same_a + same_b) / 2
+    if max_index == expected:
+        return 1.0
+    return (same_both - expected) / (max_index - expected)
+
+
+def direct_nmi(a, b):
+    """Mutual information over the arithmetic mean of the two entropies, summed point-pair-free from
+    frequencies (sklearn's default average_method='arithmetic')."""
+    n = len(a)
+    pa, pb = collections.Counter(a.tolist()), collections.Counter(b.tolist())
+    pab = collections.Counter(zip(a.tolist(), b.tolist()))
+    mi = sum(c / n * math.log((c / n) / (pa[x] / n * pb[y] / n)) for (x, y), c in pab.items())
+    ha = -sum(c / n * math.log(c / n) for c in pa.values())
+    hb = -sum(c / n * math.log(c / n) for c in pb.values())
+    if ha == 0 and hb == 0:
+        return 1.0
+    return mi / ((ha + hb) / 2)
+
+
+def random_labels(rng, n, ids):
+    return np.asarray(ids)[rng.integers(0, len(ids), n)]
+
+
+CASES = [  # (n, class ids, cluster ids)
+    (30, [0, 1, 2], [0, 1, 2]),                  # equal numbers
+    (40, [0, 1, 2, 3], [0, 1, 2, 3]),
+    (25, [0, 1, 2], [0, 1, 2, 3, 4]),            # more clusters than classes
+    (35, [0, 1], [0, 1, 2, 3, 4, 5]),
+    (30, [0, 1, 2, 3, 4], [0, 1]),               # fewer clusters than classes
+    (30, [0, 1, 2, 3, 4, 5], [0, 1, 2]),
+    (30, [-7, 3, 100], [-1, 42, 9, -100]),       # non-contiguous and negative ids
+    (20, [5, -5], [-3, 0, 1000]),
+]
+
+
+# ---------------------------------------------------------------- contingency, ACC, ARI, NMI
+
+@pytest.mark.parametrize("n,classes,clusters", CASES)
+def test_contingency_counts_each_pair_like_a_loop_over_points(n, classes, clusters):
+    rng = np.random.default_rng(n + len(classes))
+    y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+    C, pred_ids, true_ids = utils.contingency(y_pred, y_true)
+    assert pred_ids.tolist() == sorted(set(y_pred.tolist()))
+    assert true_ids.tolist() == sorted(set(y_true.tolist()))
+    pairs = collections.Counter(zip(y_pred.tolist(), y_true.tolist()))
+    for i, p in enumerate(pred_ids):
+        for j, t in enumerate(true_ids):
+            assert C[i, j] == pairs[(p, t)]
+
+
+@pytest.mark.parametrize("n,classes,clusters", CASES)
+def test_cluster_acc_equals_brute_force_over_all_matchings(n, classes, clusters):
+    rng = np.random.default_rng(len(clusters) * 100 + n)
+    for _ in range(20):
+        y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+        assert utils.cluster_acc(y_true, y_pred) == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
+
+
+def test_cluster_acc_counts_extra_clusters_as_wrong_and_is_one_for_a_relabeling():
+    y_true = np.array([0, 0, 0, 1, 1, 1])
+    # splitting class 0 into two clusters: only one of them can be matched
+    assert utils.cluster_acc(y_true, np.array([0, 0, 2, 1, 1, 1])) == pytest.approx(5 / 6)
+    # every point its own cluster: one point per class matched
+    assert utils.cluster_acc(y_true, np.arange(6)) == pytest.approx(2 / 6)
+    # a pure relabeling with odd ids
+    assert utils.cluster_acc(y_true, np.array([-4, -4, -4, 9, 9, 9])) == 1.0
+
+
+@pytest.mark.parametrize("n,classes,clusters", CASES)
+def test_all_metrics_ari_and_nmi_equal_sklearn_and_their_definitions(n, classes, clusters):
+    rng = np.random.default_rng(7 * n + len(clusters))
+    for _ in range(5):
+        y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+        m = utils.all_metrics(y_true, y_pred)
+        assert set(m) == {"acc", "ari", "nmi"}
+        assert m["acc"] == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
+        assert m["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+        assert m["ari"] == pytest.approx(pair_counting_ari(y_true, y_pred), abs=1e-10)
+        assert m["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+        assert m["nmi"] == pytest.approx(direct_nmi(y_true, y_pred), abs=1e-10)
+
+
+# ---------------------------------------------------------------- align_to, majority_vote
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4], [-3, 10, 7], [2, 5]])
+def test_align_to_maps_a_permuted_copy_back_exactly(ids):
+    rng = np.random.default_rng(len(ids))
+    y = random_labels(rng, 60, ids)
+    for _ in range(10):
+        perm = dict(zip(ids, rng.permutation(ids).tolist()))
+        permuted = np.array([perm[v] for v in y.tolist()])
+        np.testing.assert_array_equal(utils.align_to(permuted, y), y)
+        # also when the copy uses entirely different ids
+        renamed = np.array([1000 + 3 * perm[v] for v in y.tolist()])
+        np.testing.assert_array_equal(utils.align_to(renamed, y), y)
+
+
+@pytest.mark.parametrize("n,classes,clusters", CASES)
+def test_align_to_is_a_bijective_relabeling_with_the_best_agreement(n, classes, clusters):
+    rng = np.random.default_rng(3 * n + len(classes))
+    for _ in range(10):
+        y_ref, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+        aligned = utils.align_to(y_pred, y_ref)
+        # a relabeling: same partition, one new label per old cluster
+        pairs = set(zip(y_pred.tolist(), aligned.tolist()))
+        assert len(pairs) == len(set(y_pred.tolist())) == len(set(aligned.tolist()))
+        # its raw agreement with y_ref is the best one-to-one matching
+        assert np.mean(aligned == y_ref) == pytest.approx(brute_force_acc(y_ref, y_pred), abs=1e-12)
+        # clusters without a partner get labels y_ref does not use
+        matched = min(len(set(y_pred.tolist())), len(set(y_ref.tolist())))
+        used = set(aligned.tolist())
+        assert len(used & set(y_ref.tolist())) == matched
+
+
+def test_majority_vote_equals_counter_mode_with_ties_to_the_smallest_label():
+    rng = np.random.default_rng(0)
+    for n_tasks, ids in [(1, [0, 1]), (2, [0, 1, 2]), (3, [-2, 0, 5]), (4, [0, 1, 2, 3]), (5, [9, -9]),
+                         (6, [1, 2, 3])]:
+        labelings = random_labels(rng, n_tasks * 50, ids).reshape(n_tasks, 50)
+        expected = []
+        for column in labelings.T:
+            counts = collections.Counter(column.tolist())
+            top = max(counts.values())
+            expected.append(min(v for v, c in counts.items() if c == top))
+        np.testing.assert_array_equal(utils.majority_vote(labelings), expected)
+    # an explicit tie: 3 vs 3 -> the smaller label, also for negatives
+    np.testing.assert_array_equal(utils.majority_vote([[4], [-1], [4], [-1]]), [-1])
+
+
+def test_aligned_majority_vote_of_noisy_permuted_copies_recovers_the_labeling():
+    rng = np.random.default_rng(123)
+    k, n = 5, 600
+    y = rng.integers(0, k, n)
+    copies = []
+    for _ in range(9):
+        perm = rng.permutation(k)
+        noisy = perm[y].copy()
+        flip = rng.random(n) < 0.10
+        noisy[flip] = rng.integers(0, k, flip.sum())
+        copies.append(noisy)
+    aligned = [copies[0]] + [utils.align_to(c, copies[0]) for c in copies[1:]]
+    vote = utils.majority_vote(np.stack(aligned))
+    assert brute_force_acc(y, vote) >= 0.995
+    assert brute_force_acc(y, copies[0]) < 0.95  # each copy alone is clearly worse
+
+
+# ---------------------------------------------------------------- cv_score
+
+def blobs(rng, n, k, dim, sep):
+    centers = rng.normal(size=(k, dim)) * sep
+    y = rng.integers(0, k, n)
+    return centers[y] + rng.normal(size=(n, dim)), y
+
+
+def direct_cv(features, y):
+    cv = KFold(n_splits=10, shuffle=True, random_state=1)
+    clf = LogisticRegression(C=np.inf, max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(np.mean(cross_val_score(clf, features, y, cv=cv, scoring="accuracy")))
+
+
+def test_cv_score_is_one_for_labels_linear_in_well_separated_features():
+    rng = np.random.default_rng(0)
+    X, y = blobs(rng, 200, 3, 4, sep=20.0)
+    assert utils.cv_score(X, y) >= 0.99
+    # a labeling that is a linear threshold of the features, with a margin
+    X = rng.normal(size=(200, 3))
+    X = X[np.abs(X @ [1.0, -2.0, 0.5]) > 0.5]
+    y = (X @ [1.0, -2.0, 0.5] > 0).astype(int)
+    assert utils.cv_score(X, y) >= 0.99
+
+
+def test_cv_score_is_near_chance_for_random_labels():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 4))
+    y = rng.integers(0, 4, 200)
+    assert 0.10 <= utils.cv_score(X, y) <= 0.40  # chance is 0.25
+
+
+def test_cv_score_equals_a_direct_sklearn_computation():
+    rng = np.random.default_rng(2)
+    X, y = blobs(rng, 150, 3, 5, sep=1.0)  # overlapping: the score is strictly between chance and 1
+    got = utils.cv_score(X, y)
+    assert 0.4 < got < 1.0
+    assert got == pytest.approx(direct_cv(X, y), abs=1e-12)
+
+
+def test_cv_score_scores_a_constant_labeling_as_zero():
+    X = np.random.default_rng(3).normal(size=(30, 2))
+    assert utils.cv_score(X, np.full(30, 4)) == 0.0
+
+
+# ---------------------------------------------------------------- load_array / load_labels
+
+def save(tmp_path, name, arr):
+    path = tmp_path / name
+    np.save(path, arr)
+    return str(path)
+
+
+def raises_naming(path, fn, *args, **kwargs):
+    with pytest.raises(utils.HumeError) as info:
+        fn(path, "--flag", *args, **kwargs)
+    assert path in str(info.value)
+    return str(info.value)
+
+
+def test_load_array_rejects_a_missing_file_naming_it(tmp_path):
+    raises_naming(str(tmp_path / "nope.npy"), utils.load_array)
+    raises_naming(str(tmp_path / "nope.npy"), utils.load_labels)
+
+
+def test_load_array_rejects_1d_integer_and_nonfinite_features_naming_the_file(tmp_path):
+    raises_naming(save(tmp_path, "flat.npy", np.zeros(5, np.float32)), utils.load_array)
+    raises_naming(save(tmp_path, "ints.npy", np.ones((4, 3), np.int64)), utils.load_array)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros((70000, 2), np.float64)  # bad value past the first 2^16-row chunk
+        x[66000, 1] = bad
+        msg = raises_naming(save(tmp_path, "bad.npy", x), utils.load_array)
+        assert "66000" in msg
+        raises_naming(save(tmp_path, "bad.npy", x), utils.load_array, mmap=True)
+    raises_naming(save(tmp_path, "empty.npy", np.zeros((0, 3), np.float32)), utils.load_array)
+    path = str(tmp_path / "junk.npy")
+    with open(path, "w") as f:
+        f.write("not a npy file")
+    raises_naming(path, utils.load_array)
+
+
+def test_load_array_accepts_valid_features(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    got = utils.load_array(save(tmp_path, "ok.npy", x), "--flag")
+    assert got.dtype == np.float32 and got.shape == (6, 3) and got.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(got, x.astype(np.float32))
+    got = utils.load_array(save(tmp_path, "ok.npy", x), "--flag", mmap=True)
+    np.testing.assert_array_equal(np.asarray(got), x)
+
+
+def test_load_labels_rejects_non_integer_floats_and_wrong_length_naming_the_file(tmp_path):
+    raises_naming(save(tmp_path, "float.npy", np.array([0.0, 1.5, 2.0])), utils.load_labels)
+    raises_naming(save(tmp_path, "nan.npy", np.array([0.0, np.nan])), utils.load_labels)
+    raises_naming(save(tmp_path, "feats.npy", np.zeros((4, 3))), utils.load_labels)
+    raises_naming(save(tmp_path, "strs.npy", np.array(["a", "b"])), utils.load_labels)
+    msg = raises_naming(save(tmp_path, "short.npy", np.arange(5)), utils.load_labels, n=6)
+    assert "5" in msg and "6" in msg
+
+
+def test_load_labels_accepts_valid_labels(tmp_path):
+    for arr in (np.array([3, -1, 3, 7], np.int32), np.array([3.0, -1.0, 3.0, 7.0]),
+                np.array([[3], [-1], [3], [7]]),
+                np.array([[3, -1, 3, 7]])):
+        got = utils.load_labels(save(tmp_path, "y.npy", arr), "--flag", n=4)
+        assert got.dtype == np.int64
+        assert got.tolist() == [3, -1, 3, 7]
+
+
+# ---------------------------------------------------------------- atomic_write
+
+def test_atomic_write_replaces_the_target_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("new")
+
+    utils.atomic_write(str(target), write)
+    assert target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path, exc):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise exc("boom")
+
+    with pytest.raises(exc):
+        utils.atomic_write(str(target), write)
+    assert target.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
+
+    # no previous target: nothing is created at all, even if write_fn removed its temp file itself
+    fresh = tmp_path / "fresh.txt"
+
+    def write_and_remove(tmp):
+        os.remove(tmp)
+        raise exc("boom")
+
+    with pytest.raises(exc):
+        utils.atomic_write(str(fresh), write_and_remove)
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
