@@ -31,8 +31,11 @@ def labels(phi1, W, tau):
     return sparsemax(phi1 @ W.T / tau)
 
 
-def entropy(p):
-    return -torch.special.xlogy(p, p).sum(-1)
+def entropy(p, eps=1e-8):
+    """H(p) = -sum p log p. Clamped like the paper's code: a class with no mass in a subset would otherwise give
+    an infinite gradient (d/dp p log p = log p + 1)."""
+    p = p.clamp_min(eps)
+    return -(p * torch.log(p)).sum(-1)
 
 
 # ---------------------------------------------------------------- data layouts
