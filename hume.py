@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoint
+import distributed
 import hypergrad
 from inputs import check_args, gather, gather_range, inner_lr_type, load_data, num_rows, source
 from utils import (HumeError, all_metrics, append_jsonl, atomic_write, cv_score, ensure_dir, log, make_parser,
@@ -119,11 +120,16 @@ def hypergradient(encoder, phi1, phi2as, idx, m_tr, w0s, tau, args, total_subset
     return total, torch.cat(fits)
 
 
-def outer_step(encoder, opt, phi1, phi2as, idx, m_tr, w0s, tau, args):
+def outer_step(encoder, opt, phi1, phi2as, idx, m_tr, w0s, tau, args, world=None):
     """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step.
+    Under torchrun each rank does its share of the subsets and one all-reduce sums the gradients.
     Returns the loss, the inner fit and the gradient norm before clipping (tensors: no host sync here)."""
     opt.zero_grad(set_to_none=True)
-    loss, fit = hypergradient(encoder, phi1, phi2as, idx, m_tr, w0s, tau, args)
+    S = idx.shape[0]
+    mine = distributed.share(world, S) if world else slice(None)
+    loss, fit = hypergradient(encoder, phi1, phi2as, idx[mine], m_tr, [w[mine] for w in w0s], tau, args, S)
+    if world:
+        loss, fit = distributed.all_reduce(world, encoder, loss, fit)
     gnorm = nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
     if torch.isfinite(gnorm):
         opt.step()
@@ -157,7 +163,7 @@ def resolve_inner_lr(args, phi2s):
     return lrs, lams
 
 
-def train(args, d):
+def train(args, d, world=None):
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     seed_everything(args.seed)
@@ -176,14 +182,16 @@ def train(args, d):
     dims = [p.shape[1] for p in d["phi2"]]
     w0_fixed = [init_inner(gen, 1, args.k, d2, torch.float32).to(dev) for d2 in dims] if args.no_rand_init else None
     metrics_path = os.path.join(args.exp_path, f"metrics_{args.seed}.jsonl")
+    writer = world is None or world.rank == 0  # only rank 0 writes files
     start_it, state = 0, {"seconds": 0.0}
     resumed = checkpoint.load(args, encoder, opt, gen) if args.resume else None
     if resumed:
         start_it, state = resumed
         w0_fixed = state.get("w0_fixed")
-        keep_log_until(metrics_path, start_it)
+        if writer:
+            keep_log_until(metrics_path, start_it)
         log(f"resumed from {checkpoint.path_for(args)} at iteration {start_it}", args.quiet)
-    else:
+    elif writer:
         open(metrics_path, "w").close()
     state["w0_fixed"] = w0_fixed
     t0 = time.time() - state["seconds"]
@@ -196,7 +204,7 @@ def train(args, d):
         idx = sample_subsets(gen, n, args.num_subsets, m).to(dev)
         w0s = [w.expand(args.num_subsets, -1, -1) for w in w0_fixed] if w0_fixed else \
             [init_inner(gen, args.num_subsets, args.k, d2, torch.float32).to(dev) for d2 in dims]
-        loss, fit, gnorm = outer_step(encoder, opt, phi1, phi2as, idx, m_tr, w0s, tau, args)
+        loss, fit, gnorm = outer_step(encoder, opt, phi1, phi2as, idx, m_tr, w0s, tau, args, world)
         loss, gnorm = torch.stack([loss, gnorm]).tolist()  # one host sync per outer iteration
         if not (np.isfinite(loss) and np.isfinite(gnorm)):
             last = checkpoint.path_for(args) if os.path.isfile(checkpoint.path_for(args)) else "none written yet"
@@ -209,9 +217,11 @@ def train(args, d):
             for msg in filter(None, [hypergrad.diagnose(state["inner_fit_first"], lr_j, lam)
                                      for lr_j, lam in zip(lrs, lams)]):
                 warn(msg)
-        if args.save_all:
+        if args.save_all and writer:
             torch_save(encoder.state_dict(), os.path.join(args.exp_path, f"linear_task_{it}_{args.seed}.pt"))
-        if (it + 1) % args.eval_every == 0 or it + 1 == args.num_iters:
+        if world and ((it + 1) % args.eval_every == 0 or it + 1 == args.num_iters):
+            distributed.check_in_sync(world, encoder, it + 1)
+        if writer and ((it + 1) % args.eval_every == 0 or it + 1 == args.num_iters):
             state["inner_fit_last"] = fit_summary(fit)
             record = {"iteration": it + 1, "loss": loss, "tau": tau, "lr": lr, "inner_lr": args.inner_lr,
                       "grad_norm": gnorm, "inner_fit": state["inner_fit_last"], "seconds": round(time.time() - t0, 3)}
@@ -223,7 +233,8 @@ def train(args, d):
             append_jsonl(metrics_path, record)
         if (it + 1) % args.ckpt_every == 0 and it + 1 < args.num_iters:
             state["seconds"] = time.time() - t0
-            checkpoint.save(args, it + 1, encoder, opt, gen, state)
+            if writer:
+                checkpoint.save(args, it + 1, encoder, opt, gen, state)
             kill_hook(it + 1)
     state["seconds"] = time.time() - t0
     return encoder, state
@@ -261,12 +272,22 @@ def finish(args, d, encoder, state):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    world = distributed.init(args) if distributed.launched() else None
+    try:
+        return run(args, world)
+    finally:
+        distributed.close(world)
+
+
+def run(args, world):
     d = load_data(args)
     ensure_dir(args.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
     mode = "inductive" if args.phi1_path_val else "transductive"
     log(f"HUME {mode}: n={len(d['phi1'])} d1={d['phi1'].shape[1]} d2={[p.shape[1] for p in d['phi2']]} "
         f"k={args.k} -> {args.exp_path}", args.quiet)
-    encoder, state = train(args, d)
+    encoder, state = train(args, d, world)
+    if world and world.rank != 0:
+        return None
     results = finish(args, d, encoder, state)
     summary = f"done in {state['seconds']:.1f}s: CV score {results['CV_Score']:.4f}"
     if "metrics" in results:

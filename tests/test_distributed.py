@@ -1,0 +1,76 @@
+"""One HUME run over 2 CPU processes (torchrun, gloo, localhost) equals a single-process run."""
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from helpers import REPO, write_problem
+
+BUDGET = ["--k", "4", "--num_subsets", "3", "--adaptation_steps", "8", "--subset_size", "120", "--outer_lr", "0.01",
+          "--inner_lr", "auto", "--device", "cpu", "--seed", "1", "--eval_every", "2", "--quiet"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def single(args, env=None):
+    return subprocess.run([sys.executable, "hume.py"] + args, capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, **(env or {})))
+
+
+def torchrun(args, nproc=2, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", free_port(), "hume.py"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def task(folder):
+    return torch.load(os.path.join(folder, "linear_task_1.pt"), weights_only=True)
+
+
+def problem_args(tmp_path):
+    p = write_problem(str(tmp_path / "data"), n=200)
+    return ["--phi1_path", p["phi1"], "--phi2_path", p["phi2"], "--gt_labels_path", p["labels"]] + BUDGET
+
+
+def test_two_processes_give_the_single_process_task_odd_subsets(tmp_path):
+    common = problem_args(tmp_path) + ["--num_iters", "4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert single(common + ["--exp_path", one]).returncode == 0
+    out = torchrun(common + ["--exp_path", two])
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = task(one), task(two)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # only rank 0 writes: the same files, and each metrics line once
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+    assert len(open(os.path.join(two, "metrics_1.jsonl")).readlines()) == 2
+
+
+def test_resumed_two_process_run_equals_uninterrupted(tmp_path):
+    common = problem_args(tmp_path) + ["--num_iters", "6", "--ckpt_every", "2"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert torchrun(common + ["--exp_path", full]).returncode == 0
+    assert torchrun(common + ["--exp_path", cut], env={"HUME_TEST_KILL_AT": "4"}).returncode != 0
+    assert os.path.isfile(os.path.join(cut, "checkpoint_1.pt"))
+    out = torchrun(common + ["--exp_path", cut, "--resume"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = task(full), task(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_world_setups_exit_2_with_one_line(tmp_path):
+    common = problem_args(tmp_path) + ["--num_iters", "2", "--exp_path", str(tmp_path / "out")]
+    no_master = single(common, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    more_ranks = single(common, env={"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                     "MASTER_PORT": free_port()})
+    for out, words in ((no_master, "MASTER_ADDR"), (more_ranks, "--num_subsets")):
+        assert out.returncode == 2
+        assert out.stderr.startswith("error:") and out.stderr.count("\n") == 1 and words in out.stderr
+        assert "Traceback" not in out.stderr + out.stdout
+    assert not os.path.exists(tmp_path / "out")
