@@ -4,6 +4,7 @@
     python bench.py --scale paper --num_subsets 2 --adaptation_steps 300        # CPU-sized; time scales with S x T
     python bench.py --scale imagenet --num_subsets 1 --adaptation_steps 5,20    # memory growth per inner step
     python bench.py --scale paper --device cuda --json bench.json
+    python bench.py --scale paper --num_subsets 4 --adaptation_steps 50 --methods adjoint --nproc 1,2  # torchrun
 
 Each (scale, method, steps) runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS over the RSS
 after the data is loaded; GPU: torch.cuda.max_memory_allocated). The machine's sustained GEMM rate (a 2048^3
@@ -22,8 +23,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import distributed
 import hume
-from utils import DEMO
+from utils import DEMO, make_parser
 
 SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
     "demo": dict(n=None, d1=None, d2=None, k=10, subset_size=10000, train_fraction=0.9, S=5, T=100),
@@ -50,7 +52,18 @@ def rss_mib():
 def worker(job):
     """One measurement: outer iterations of one method at one scale; returns seconds/iteration and memory."""
     torch.manual_seed(0)
-    dev = torch.device(job["device"])
+    world, comm = None, []
+    if distributed.launched():
+        world = distributed.init(SimpleNamespace(num_subsets=job["S"], device=job["device"], quiet=True))
+        all_reduce = distributed.all_reduce
+
+        def timed_all_reduce(*a):  # the communication share of an outer iteration (incl. waiting for the slowest)
+            t0 = time.perf_counter()
+            out = all_reduce(*a)
+            comm.append(time.perf_counter() - t0)
+            return out
+        distributed.all_reduce = timed_all_reduce
+    dev = torch.device(job["device"] if not world or job["device"] == "cpu" else f"cuda:{world.rank}")
     phi1, phi2 = make_data(job["scale"], job["n"])
     phi1, phi2 = torch.from_numpy(phi1).to(dev), torch.from_numpy(phi2).to(dev)
     phi2a = torch.cat([phi2, torch.ones(len(phi2), 1, device=dev)], 1)
@@ -74,16 +87,20 @@ def worker(job):
         idx = hume.sample_subsets(gen, n, S, m).to(dev)
         w0 = hume.init_inner(gen, S, k, phi2.shape[1], phi2.dtype).to(dev)
         t0 = time.perf_counter()
-        loss, _ = hume.outer_step(encoder, opt, phi1, phi2a, idx, m_tr, w0, 0.1, args)
+        loss, _, _ = hume.outer_step(encoder, opt, phi1, [phi2a], idx, m_tr, [w0], 0.1, args, world)
         loss.item()  # waits for the device
         times.append(time.perf_counter() - t0)
+    distributed.close(world)
+    if world and world.rank != 0:
+        sys.exit(0)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sec = float(np.median(times[job["warmup"]:]))
     flops = 4 * 2 * m_tr * (phi2.shape[1] + 1) * k * S * T
-    return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "n": n}
+    share = float(np.median(comm[job["warmup"]:]) / sec) if comm else 0.0
+    return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "n": n, "allreduce_share": share}
 
 
 def gemm_rate(device, size=2048, repeats=5):
@@ -99,8 +116,13 @@ def gemm_rate(device, size=2048, repeats=5):
 
 
 def run_job(job):
-    out = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(job)], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, __file__, "--_worker", json.dumps(job)]
+    env = dict(os.environ)
+    if job["nproc"] > 1:  # torchrun, the cores split evenly between the processes
+        cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(job["nproc"]), "--master_port",
+                    str(29500 + os.getpid() % 1000)]
+        env["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // job["nproc"]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode != 0:
         sys.exit(f"bench worker failed for {job}:\n{out.stderr.strip().splitlines()[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,6 +140,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="untimed outer iterations first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    p.add_argument("--nproc", default="1", help="comma list of process counts (torchrun) to report scaling")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -127,28 +150,31 @@ def main():
     rate = gemm_rate(a.device)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s")
-    print(f"{'scale':9} {'method':12} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} {'vs unrolled':>12} "
-          f"{'of peak':>8}")
+    print(f"{'scale':9} {'method':12} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} "
+          f"{'vs unrolled':>12} {'of peak':>8} {'allreduce':>9}")
     rows = []
     for scale in a.scale:
         c = dict(SCALES[scale])
         c["n"] = a.n or c["n"]
         c["S"] = a.num_subsets or c["S"]
-        for T in ([int(t) for t in a.adaptation_steps.split(",")] if a.adaptation_steps else [c["T"]]):
+        steps = [int(t) for t in a.adaptation_steps.split(",")] if a.adaptation_steps else [c["T"]]
+        for T, nproc in [(T, P) for T in steps for P in map(int, a.nproc.split(","))]:
             ref = None
             for method in sorted(a.methods.split(","), key=lambda x: x != "unrolled"):  # reference first
                 job = dict(c, scale=scale, T=T, method=method, device=a.device, tf32=a.tf32, iters=a.iters,
-                           warmup=a.warmup)
+                           warmup=a.warmup, nproc=nproc)
                 r = run_job(job)
                 ref = r if method == "unrolled" else ref
-                row = dict(scale=scale, method=method, S=c["S"], T=T, n=r["n"], seconds=r["seconds"],
+                row = dict(scale=scale, method=method, nproc=nproc, S=c["S"], T=T, n=r["n"], seconds=r["seconds"],
+                           allreduce_share=r["allreduce_share"],
                            peak_mib=r["peak_mib"], fraction_of_peak=r["gflop"] / r["seconds"] / rate,
                            speedup_vs_unrolled=ref["seconds"] / r["seconds"] if ref else None,
                            memory_vs_unrolled=r["peak_mib"] / ref["peak_mib"] if ref else None)
                 rows.append(row)
                 vs = "" if not ref else f"{row['speedup_vs_unrolled']:.2f}x"
-                print(f"{scale:9} {method:12} {c['S']:>3} {T:>4} {r['seconds']:9.3f} {r['peak_mib']:9.1f} "
-                      f"{vs:>12} {row['fraction_of_peak']:8.1%}", flush=True)
+                print(f"{scale:9} {method:12} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} "
+                      f"{r['peak_mib']:9.1f} {vs:>12} {row['fraction_of_peak']:8.1%} {r['allreduce_share']:9.1%}",
+                      flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": name, "gemm_gflops": rate, "rows": rows}, f, indent=2)
