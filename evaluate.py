@@ -8,7 +8,6 @@ Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py
 Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
-import argparse
 import json
 import os
 import pickle
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from utils import (DEMO, HumeError, align_to, all_metrics, atomic_write, load_array, load_labels, log,
-                   majority_vote, run_cli)
+                   majority_vote, make_parser, run_cli)
 
 TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
 
@@ -80,25 +79,35 @@ def load_cv_score(path):
         raise HumeError(f"{path}: cannot read its CV_Score ({type(e).__name__}: {e})") from None
 
 
+def ensemble(preds, cv):
+    """The paper's ensemble: align every task's predictions ({seed: labels}) to the best-CV task's with the
+    Hungarian algorithm, then take the per-point majority vote. Returns (best seed, ensemble labels)."""
+    best = max(cv, key=cv.get)
+    return best, majority_vote([align_to(preds[s], preds[best]) for s in preds])
+
+
+def task_predictions(phi1, tasks):
+    """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks."""
+    phi1 = torch.from_numpy(phi1)
+    W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
+    preds = {s: (phi1 @ W[s].T).argmax(1).numpy() for s in tasks}
+    cv = {s: load_cv_score(res_path) for s, (_, res_path) in tasks.items()}
+    return preds, cv, max(w.shape[0] for w in W.values())
+
+
 def evaluate(phi1, tasks, y_true=None):
     """Per-task predictions, CV scores and (with labels) metrics, plus the ensemble. Returns a JSON-ready dict."""
-    phi1 = torch.from_numpy(phi1)
-    preds, cv = {}, {}
-    for seed, (task_path, res_path) in tasks.items():
-        preds[seed] = (phi1 @ load_task(task_path, phi1.shape[1]).T).argmax(1).numpy()
-        cv[seed] = load_cv_score(res_path)
-    best = max(cv, key=cv.get)
-    aligned = [align_to(preds[s], preds[best]) for s in tasks]
-    ensemble = majority_vote(aligned)
+    preds, cv, _ = task_predictions(phi1, tasks)
+    best, vote = ensemble(preds, cv)
     out = {"best_cv_seed": best, "tasks": {s: {"CV_Score": cv[s]} for s in tasks},
-           "ensemble_cluster_sizes": np.bincount(np.unique(ensemble, return_inverse=True)[1]).tolist()}
+           "ensemble_cluster_sizes": np.bincount(np.unique(vote, return_inverse=True)[1]).tolist()}
     if y_true is not None:
         for s in tasks:
             out["tasks"][s].update(all_metrics(y_true, preds[s]))
         names = ("acc", "ari", "nmi")
         out["mean"] = {m: float(np.mean([out["tasks"][s][m] for s in tasks])) for m in names}
         out["std"] = {m: float(np.std([out["tasks"][s][m] for s in tasks])) for m in names}
-        out["ensemble"] = all_metrics(y_true, ensemble)
+        out["ensemble"] = all_metrics(y_true, vote)
     return out
 
 

@@ -1,0 +1,232 @@
+"""Figures of a folder of HUME tasks: training curves, the ensemble's confusion matrix, CV score against accuracy
+and the ensemble's cluster sizes, as PNGs.
+
+    python plot.py --tasks_path tasks/demo                 # evaluation points and labels as hume.py recorded them
+    python plot.py --tasks_path tasks/inductive/moco_dino/cifar10/ --out figures/ \
+        --phi1_path data/representations/mocov2/cifar10test_l2.npy --gt_labels_path data/labels/cifar10test_targets.npy
+
+Writes {prefix}_curves.png (outer loss and ACC/ARI/NMI per iteration from metrics_{seed}.jsonl, one line per seed),
+{prefix}_confusion.png (ensemble vs ground truth, Hungarian-ordered), {prefix}_cv_vs_acc.png (does the label-free
+CV score pick good tasks?) and {prefix}_cluster_sizes.png into --out, and prints their paths. Without
+--phi1_path, the evaluation points and labels are those recorded in results_{seed}.pickle. Without labels, the
+figures that need them are skipped with a note. The ensemble is evaluate.py's: tasks matched to the best-CV task,
+then a majority vote. Bad inputs end with one line on stderr and exit code 2.
+"""
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from evaluate import ensemble as evaluate_ensemble
+from evaluate import find_tasks, task_predictions
+from utils import (HumeError, align_to, all_metrics, atomic_write, cluster_acc, contingency, ensure_dir,
+                   load_array, load_labels, log, make_parser, run_cli)
+
+METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
+DPI = 100
+FIGSIZE = {"curves": (11, 7), "confusion": (7.5, 6.5), "cv_vs_acc": (7, 5), "cluster_sizes": (8, 4.5)}  # inches
+MAX_ANNOTATED = 20  # write counts into the confusion matrix cells up to this many classes
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--tasks_path", required=True, help="folder written by hume.py (or sweep.sh)")
+    p.add_argument("--out", default="figures/", help="folder for the PNGs (created)")
+    p.add_argument("--prefix", help="file name prefix; default: the name of the tasks folder")
+    p.add_argument("--phi1_path", help="phi1 of the evaluation points; default: as recorded by hume.py")
+    p.add_argument("--gt_labels_path", help="labels of those points (for the figures that need them); "
+                   "default: as recorded by hume.py when --phi1_path is not given")
+    return p
+
+
+def read_metrics(folder):
+    """{seed: [record, ...]} from every metrics_{seed}.jsonl (a run still going may end in a partial line)."""
+    files = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := METRICS_FILE.fullmatch(f)))
+    if not files:
+        raise HumeError(f"--tasks_path {folder}: no metrics_{{seed}}.jsonl files (our hume.py writes them; the "
+                        "paper's does not)")
+    runs = {}
+    for seed, name in files:
+        with open(os.path.join(folder, name)) as f:
+            lines = [line for line in f if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i + 1 < len(lines):
+                    raise HumeError(f"{name} in {folder}: line {i + 1} is not JSON") from None
+        runs[seed] = records
+    return runs
+
+
+def recorded_paths(tasks):
+    """(phi1 path, labels path) of the evaluation points as hume.py recorded them in its results pickles."""
+    for seed, (_, res_path) in tasks.items():
+        try:
+            with open(res_path, "rb") as f:
+                rec = dict(pickle.load(f).get("args") or {})
+        except Exception as e:
+            raise HumeError(f"{res_path}: cannot be read ({type(e).__name__}: {e})") from None
+        phi1 = rec.get("phi1_path_val") or rec.get("phi1_path")
+        if phi1:
+            return phi1, rec.get("gt_labels_path"), f"results_{seed}.pickle"
+    raise HumeError("the results pickles record no data paths (written by the paper's hume.py?): pass --phi1_path")
+
+
+def evaluation_data(args, tasks):
+    if args.gt_labels_path and not args.phi1_path:
+        raise HumeError("--gt_labels_path needs --phi1_path (the points those labels belong to)")
+    phi1_path, labels_path, source = args.phi1_path, args.gt_labels_path, "the flags"
+    if not phi1_path:
+        phi1_path, labels_path, source = recorded_paths(tasks)
+        for path in (phi1_path, labels_path):
+            if path and not os.path.isfile(path):
+                raise HumeError(f"{path}, recorded in {source}, is gone: pass --phi1_path (and --gt_labels_path)")
+    log(f"evaluation points: {phi1_path} (from {source})")
+    phi1 = load_array(phi1_path, "--phi1_path")
+    y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if labels_path else None
+    return phi1, y
+
+
+def ensemble(phi1, tasks):
+    """Each task's predictions, CV scores, the best-CV seed, the ensemble vote and k (evaluate.py's recipe)."""
+    preds, cv, k = task_predictions(phi1, tasks)
+    best, vote = evaluate_ensemble(preds, cv)
+    return preds, cv, best, vote, k
+
+
+def has_scores(runs):
+    """Did hume.py log ACC/ARI/NMI (it does when it was given labels)?"""
+    return any("metrics" in r for recs in runs.values() for r in recs)
+
+
+def plot_curves(runs):
+    panels = [("loss", "outer loss")]
+    if has_scores(runs):
+        panels += [(m, m.upper()) for m in ("acc", "ari", "nmi")]
+    fig = Figure(figsize=FIGSIZE["curves"], dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 2).ravel() if len(panels) > 1 else [fig.subplots()]
+    for ax, (key, name) in zip(axes, panels):
+        for seed, recs in runs.items():
+            pts = [(r["iteration"], r["loss"] if key == "loss" else r["metrics"][key])
+                   for r in recs if key == "loss" or "metrics" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=f"seed {seed}")
+        ax.set(title=name + (" (lower is better)" if key == "loss" else " on the evaluation set"),
+               xlabel="outer iteration", ylabel=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", ncol=1 + len(runs) // 6)
+    fig.suptitle(f"Training curves of {len(runs)} seed(s)")
+    return fig
+
+
+def plot_confusion(vote, y, n_tasks, best):
+    aligned = align_to(vote, y)  # clusters renamed after their Hungarian-matched class
+    C, pred_ids, true_ids = contingency(aligned, y)  # (clusters, classes)
+    cols = list(true_ids) + [p for p in pred_ids if p not in set(true_ids)]  # matched first, then leftovers
+    M = np.zeros((len(true_ids), len(cols)), dtype=np.int64)  # (classes, clusters)
+    for i, p in enumerate(pred_ids):
+        M[:, cols.index(p)] = C[i]
+    share = M / np.maximum(M.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=FIGSIZE["confusion"], dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(im, ax=ax, label="share of the class")
+    if len(cols) <= MAX_ANNOTATED and len(true_ids) <= MAX_ANNOTATED:
+        for (i, j), c in np.ndenumerate(M):
+            if c:
+                ax.text(j, i, str(c), ha="center", va="center", fontsize="small",
+                        color="white" if share[i, j] > 0.5 else "black")
+    if len(cols) <= 3 * MAX_ANNOTATED:
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+        ax.set_yticks(range(len(true_ids)), [str(t) for t in true_ids])
+    m = all_metrics(y, vote)
+    ax.set(xlabel="ensemble cluster, named by its matched class (cells: point counts)", ylabel="true class",
+           title=f"Ensemble of {n_tasks} task(s) (aligned to best-CV seed {best}) vs ground truth\n" +
+           "  ".join(f"{k.upper()} {v:.3f}" for k, v in m.items()))
+    return fig
+
+
+def plot_cv_vs_acc(preds, cv, best, vote, y):
+    from scipy.stats import spearmanr
+    seeds = list(preds)
+    acc = {s: cluster_acc(y, preds[s]) for s in seeds}
+    fig = Figure(figsize=FIGSIZE["cv_vs_acc"], dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.scatter([cv[s] for s in seeds], [acc[s] for s in seeds], label="task (seed)", zorder=3)
+    ax.scatter([cv[best]], [acc[best]], marker="*", s=250, color="tab:red", zorder=4,
+               label=f"best CV score (seed {best})")
+    spots = {}  # seeds that land on the same point share one label
+    for s in seeds:
+        spots.setdefault((round(cv[s], 4), round(acc[s], 4)), []).append(str(s))
+    for (x, y_), names in spots.items():
+        ax.annotate(", ".join(names), (x, y_), textcoords="offset points", xytext=(5, 5), fontsize="small")
+    ax.axhline(cluster_acc(y, vote), color="tab:green", ls="--", label="ensemble ACC")
+    ax.axhline(np.mean(list(acc.values())), color="grey", ls=":", label="mean ACC over tasks")
+    title = "Does the label-free CV score pick good tasks?"
+    if len(seeds) >= 3 and len(set(cv.values())) > 1 and len(set(acc.values())) > 1:
+        title += f"\nSpearman rank correlation {spearmanr([cv[s] for s in seeds], [acc[s] for s in seeds])[0]:.2f}"
+    ax.set(xlabel="CV score (label-free)", ylabel="ACC (against ground truth)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_cluster_sizes(vote, y, k):
+    fig = Figure(figsize=FIGSIZE["cluster_sizes"], dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    if y is None:
+        ids, sizes = np.unique(vote, return_counts=True)
+        order = np.argsort(-sizes, kind="stable")
+        ids, sizes, xlabel = ids[order], sizes[order], "ensemble cluster (largest first)"
+    else:
+        ids, sizes = np.unique(align_to(vote, y), return_counts=True)
+        xlabel = "ensemble cluster, named by its matched class"
+    x = np.arange(len(ids))
+    ax.bar(x, sizes, color="tab:blue", label="points in the cluster")
+    if y is not None:
+        classes, counts = np.unique(y, return_counts=True)
+        true_size = dict(zip(classes.tolist(), counts.tolist()))
+        ax.scatter(x, [true_size.get(i, 0) for i in ids.tolist()], marker="_", s=300, color="black", zorder=3,
+                   label="points in the matched class")
+    ax.axhline(len(vote) / k, color="grey", ls=":", label=f"balanced (n / k, k = {k})")
+    if len(ids) <= 3 * MAX_ANNOTATED:
+        ax.set_xticks(x, [str(i) for i in ids])
+    ax.set(xlabel=xlabel, ylabel="points", title=f"Ensemble cluster sizes: {len(ids)} cluster(s) used of k = {k}")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def save(fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    log(path)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tasks = find_tasks(args.tasks_path)
+    runs = read_metrics(args.tasks_path)
+    phi1, y = evaluation_data(args, tasks)
+    preds, cv, best, vote, k = ensemble(phi1, tasks)
+    ensure_dir(args.out, "--out")
+    prefix = args.prefix or os.path.basename(os.path.normpath(os.path.abspath(args.tasks_path)))
+    path = {name: os.path.join(args.out, f"{prefix}_{name}.png") for name in FIGSIZE}
+    if y is None:
+        log("note: no ground-truth labels: skipped the confusion matrix and CV-vs-ACC figures (give --phi1_path "
+            "and --gt_labels_path to draw them)" +
+            ("" if has_scores(runs) else "; the training curves show the outer loss only"))
+    save(plot_curves(runs), path["curves"])
+    if y is not None:
+        save(plot_confusion(vote, y, len(tasks), best), path["confusion"])
+        save(plot_cv_vs_acc(preds, cv, best, vote, y), path["cv_vs_acc"])
+    save(plot_cluster_sizes(vote, y, k), path["cluster_sizes"])
+
+
+if __name__ == "__main__":
+    run_cli(main)
