@@ -151,16 +151,21 @@ def fit_summary(fit):
 
 
 def resolve_inner_lr(args, phi2s):
-    """Turn --inner_lr auto into 1/lambda_max per phi2 space (a list when several). Returns the lambda_max list."""
-    lams = [hypergrad.lambda_max(p) for p in phi2s]
+    """Inner step per phi2 space (args.inner_lr becomes a list when several). With --inner_lr auto each space is
+    rescaled to unit RMS row norm and stepped at 1/lambda_max (hypergrad.auto_inner_step).
+    Returns the steps, the lambda_max of the data the inner loop sees, and the scales."""
     args.inner_lr_auto = args.inner_lr == "auto"
-    lrs = [1.0 / lam for lam in lams] if args.inner_lr_auto else [args.inner_lr] * len(lams)
+    if args.inner_lr_auto:
+        scales, lrs, lams = map(list, zip(*[hypergrad.auto_inner_step(p) for p in phi2s]))
+    else:
+        scales, lrs, lams = [1.0] * len(phi2s), [args.inner_lr] * len(phi2s), [hypergrad.lambda_max(p) for p in phi2s]
     args.inner_lr = lrs if len(lrs) > 1 else lrs[0]
-    how = "auto = 1/lambda_max" if args.inner_lr_auto else "given"
-    for i, (lr, lam) in enumerate(zip(lrs, lams)):
+    args.phi2_scale = scales if len(scales) > 1 else scales[0]
+    for i, (lr, lam, s) in enumerate(zip(lrs, lams, scales)):
+        how = f"auto: phi2 x {s:.4g} (unit RMS row norm), step 1/lambda_max" if args.inner_lr_auto else "given"
         log(f"phi2 space {i}: inner_lr {lr:.4g} ({how}); lambda_max {lam:.4g}; inner_lr x lambda_max "
             f"{lr * lam:.3g} (stable below ~4)", args.quiet)
-    return lrs, lams
+    return lrs, lams, scales
 
 
 def train(args, d, world=None):
@@ -168,14 +173,14 @@ def train(args, d, world=None):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     seed_everything(args.seed)
     phi1 = source(d["phi1"], dev, args.normalize)
-    phi2as = [source(p, dev, ones=True) for p in d["phi2"]]
     n, d1 = d["phi1"].shape
     m = min(args.subset_size, n)
     m_tr = int(args.train_fraction * m)
     if not 1 <= m_tr < m:
         raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
-    lrs, lams = resolve_inner_lr(args, d["phi2"])
+    lrs, lams, scales = resolve_inner_lr(args, d["phi2"])
+    phi2as = [source(p, dev, ones=True, scale=s) for p, s in zip(d["phi2"], scales)]
     encoder = make_task_encoder(d1, args.k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=args.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)

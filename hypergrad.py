@@ -227,18 +227,19 @@ EXACT_MAX_DIM = 512  # up to this d2, form the (d2+1)^2 second moment and use an
 MAX_ROWS = 200_000  # second moment estimated from at most this many rows (seeded sample): ~1% accurate
 
 
-def lambda_max(phi2, seed=0):
+def lambda_max(phi2, seed=0, scale=1.0):
     """Largest eigenvalue of the second moment of [phi2, 1] (the ones column is the inner bias).
 
     Gradient descent on the inner soft-label CE is stable up to a step of about 4 / lambda_max (the softmax
     Jacobian's eigenvalues are at most 1/2); --inner_lr auto uses 1 / lambda_max. For small d2 an exact
     eigen-solver on the second moment; otherwise Lanczos iterations (scipy eigsh) on products with the data.
+    scale multiplies phi2 (not the ones column) first.
     """
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
     n, d = phi2.shape
     rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
-    X = np.asarray(phi2[rows], dtype=np.float64)
+    X = np.asarray(phi2[rows], dtype=np.float64) * scale
     m = len(X)
     if d + 1 <= EXACT_MAX_DIM:
         Xa = np.hstack([X, np.ones((m, 1))])
@@ -253,6 +254,20 @@ def lambda_max(phi2, seed=0):
     op = LinearOperator((d + 1, d + 1), matvec=matvec, dtype=np.float64)
     v0 = np.append(colsum, m) / m  # the mean direction: usually close to the top eigenvector of a second moment
     return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-10)[0][0])
+
+
+def auto_inner_step(phi2, seed=0):
+    """--inner_lr auto: rescale phi2 to unit RMS row norm, then step 1/lambda_max of [phi2 * scale, 1].
+
+    The rescaling makes the inner problem (step, and the nn.Linear-style init of the inner classifier) the same
+    whatever the embedding's scale: without it, features of norm 0.01 leave lambda_max to the ones column (~1) and
+    the weights barely move. Returns (scale, inner_lr, lambda_max of the rescaled data)."""
+    import numpy as np
+    n = phi2.shape[0]
+    rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
+    scale = 1.0 / float(np.sqrt(np.mean(np.sum(np.asarray(phi2[rows], dtype=np.float64) ** 2, axis=1))))
+    lam = lambda_max(phi2, seed, scale)
+    return scale, 1.0 / lam, lam
 
 
 DROP_MIN = 0.1  # inner CE lowered by less than 10% over the inner loop at the first iteration: not training

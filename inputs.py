@@ -88,17 +88,19 @@ def row_norm_range(x, chunk=1 << 16):
     return float(norms.min()), float(norms.max())
 
 
-def source(arr, dev, normalize=False, ones=False):
+def source(arr, dev, normalize=False, ones=False, scale=1.0):
     """What gather() reads rows from: in memory, a prepared tensor on the device; with --mmap, the array itself
     (rows are prepared as they are read)."""
     if isinstance(arr, np.memmap):
-        return {"mmap": arr, "normalize": normalize, "ones": ones, "dev": dev}
-    return prepare(torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(dev), normalize, ones)
+        return {"mmap": arr, "normalize": normalize, "ones": ones, "scale": scale, "dev": dev}
+    return prepare(torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(dev), normalize, ones, scale)
 
 
-def prepare(x, normalize, ones):
+def prepare(x, normalize, ones, scale=1.0):
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
+    if scale != 1.0:  # --inner_lr auto: phi2 at unit RMS row norm
+        x = x * scale
     if ones:  # the inner classifier's bias as a ones column
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
     return x
@@ -109,7 +111,7 @@ def gather(src, rows):
     if torch.is_tensor(src):
         return src[rows.to(src.device)]
     x = np.asarray(src["mmap"][rows.cpu().numpy()], dtype=np.float32)  # sorted rows: sequential disk reads
-    return prepare(torch.from_numpy(x).to(src["dev"]), src["normalize"], src["ones"])
+    return prepare(torch.from_numpy(x).to(src["dev"]), src["normalize"], src["ones"], src["scale"])
 
 
 def gather_range(src, start, stop):

@@ -1,0 +1,76 @@
+"""--inner_lr auto: lambda_max against numpy, and the demo with unit-norm phi2 (warning, recovery, scale)."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import hypergrad
+from helpers import REPO
+from utils import DEMO
+
+# a short run on the demo (its README settings, fewer iterations): ~1 minute on a 2-core CPU
+SHORT = ["--outer_lr", "0.01", "--num_subsets", "5", "--adaptation_steps", "100", "--num_iters", "110",
+         "--device", "cpu", "--seed", "0", "--eval_every", "1000"]
+
+
+@pytest.mark.parametrize("n,d", [(500, 20), (3000, 700)])  # exact eigen-solver, then Lanczos on the data
+def test_lambda_max_equals_numpy_eigvalsh(n, d):
+    rng = np.random.default_rng(n)
+    X = (rng.standard_normal((n, d)) * 2 + rng.standard_normal(d)).astype(np.float32)
+    Xa = np.hstack([X.astype(np.float64), np.ones((n, 1))])
+    expected = np.linalg.eigvalsh(Xa.T @ Xa / n)[-1]
+    assert abs(hypergrad.lambda_max(X) - expected) <= 1e-4 * expected
+
+
+def demo_inputs(folder, scale=None):
+    """The demo's arrays with phi2 rows rescaled to unit norm (as embedding tools return them), times scale."""
+    phi2 = {s: np.load(DEMO[f"phi2_{s}"]) for s in ("train", "test")}
+    paths = []
+    for s, x in phi2.items():
+        x = x / np.linalg.norm(x, axis=1, keepdims=True) * (scale or 1.0)
+        path = os.path.join(folder, f"phi2{s}.npy")
+        np.save(path, x.astype(np.float32))
+        paths.append(path)
+    return ["--phi1_path", DEMO["phi1_train"], "--phi2_path", paths[0], "--phi1_path_val", DEMO["phi1_test"],
+            "--phi2_path_val", paths[1], "--gt_labels_path", DEMO["labels_test"]]
+
+
+def hume(args):
+    return subprocess.run([sys.executable, "hume.py"] + args, capture_output=True, text=True, cwd=REPO)
+
+
+def results(folder, seed=0):
+    with open(os.path.join(folder, f"results_{seed}.pickle"), "rb") as f:
+        return pickle.load(f)
+
+
+def test_unit_norm_phi2_warns_with_the_default_step_and_auto_fixes_it(tmp_path):
+    inputs = demo_inputs(str(tmp_path))
+    default = hume(inputs + ["--num_iters", "2", "--num_subsets", "2", "--adaptation_steps", "300", "--quiet",
+                             "--device", "cpu", "--exp_path", str(tmp_path / "default")])
+    assert default.returncode == 0, default.stderr
+    warnings = [line for line in default.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--inner_lr auto" in warnings[0]  # once per run, even with --quiet
+    assert default.stdout == ""
+    auto = hume(inputs + SHORT + ["--inner_lr", "auto", "--quiet", "--exp_path", str(tmp_path / "auto")])
+    assert auto.returncode == 0, auto.stderr
+    assert "warning" not in auto.stderr
+    r = results(str(tmp_path / "auto"))
+    assert r["inner_fit"]["first"]["ce_drop"] > hypergrad.DROP_MIN
+    assert r["metrics"]["acc"] >= 0.85
+
+
+def test_auto_step_makes_the_search_scale_equivariant(tmp_path):
+    preds = []
+    for scale in (0.01, 1.0, 100.0):
+        folder = tmp_path / str(scale)
+        folder.mkdir()
+        out = hume(demo_inputs(str(folder), scale) + SHORT[:-6] + ["--num_iters", "40", "--device", "cpu",
+                   "--inner_lr", "auto", "--quiet", "--exp_path", str(folder / "out")])
+        assert out.returncode == 0, out.stderr
+        preds.append(results(str(folder / "out"))["preds"])
+    for other in preds[1:]:
+        assert np.mean(other == preds[0]) >= 0.95
