@@ -16,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from utils import (DEMO, HumeError, align_to, all_metrics, atomic_write, load_array, load_labels, log,
+from utils import (DEMO, HumeError, align_to, all_metrics, atomic_write, ensure_dir, load_array, load_labels, log,
                    majority_vote, make_parser, run_cli)
 
 TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
@@ -58,7 +58,8 @@ def load_task(path, d1):
         state = torch.load(path, map_location="cpu", weights_only=True)
         k, d = state["parametrizations.weight.original"].shape
     except Exception as e:
-        raise HumeError(f"{path}: not a HUME task file ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise HumeError(f"{path}: not a HUME task file ({type(e).__name__}: {first})") from None
     if d != d1:
         raise HumeError(f"{path}: task encoder expects phi1 of dimension {d}, but --phi1_path has {d1}; "
                         "evaluate with the phi1 space the tasks were trained in")
@@ -132,6 +133,8 @@ def main(argv=None):
     if args.phi1_path is None:
         args.phi1_path = DEMO["phi1_test"]
         args.gt_labels_path = args.gt_labels_path or DEMO["labels_test"]
+    if args.json and os.path.dirname(args.json):
+        ensure_dir(os.path.dirname(args.json), "--json")
     phi1 = load_array(args.phi1_path, "--phi1_path")
     y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
     out = evaluate(phi1, find_tasks(args.tasks_path), y)

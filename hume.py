@@ -175,10 +175,7 @@ def train(args, d, world=None):
     phi1 = source(d["phi1"], dev, args.normalize)
     n, d1 = d["phi1"].shape
     m = min(args.subset_size, n)
-    m_tr = int(args.train_fraction * m)
-    if not 1 <= m_tr < m:
-        raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
-                        "train or test part; use a larger --subset_size or a fraction nearer 0.5")
+    m_tr = int(args.train_fraction * m)  # both parts non-empty: checked by load_data
     lrs, lams, scales = resolve_inner_lr(args, d["phi2"])
     phi2as = [source(p, dev, ones=True, scale=s) for p, s in zip(d["phi2"], scales)]
     encoder = make_task_encoder(d1, args.k).to(dev)

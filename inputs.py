@@ -73,8 +73,16 @@ def load_data(args):
         d["phi1_val"], d["phi2_val"] = d["phi1"], d["phi2"]
     n_val = d["phi1_val"].shape[0]
     d["y_val"] = load_labels(args.gt_labels_path, "--gt_labels_path", n_val) if args.gt_labels_path else None
-    if args.k > d["phi1"].shape[0]:
-        raise HumeError(f"--k {args.k} is larger than the number of training points ({d['phi1'].shape[0]})")
+    n, d1 = d["phi1"].shape
+    if args.k > n:
+        raise HumeError(f"--k {args.k} is larger than the number of training points ({n})")
+    if args.k > d1:
+        raise HumeError(f"--k {args.k} is larger than phi1's dimension ({d1}): a task encoder's k rows cannot be "
+                        "orthonormal; use a richer phi1 or a smaller --k")
+    m = min(args.subset_size, n)
+    if not 1 <= int(args.train_fraction * m) < m:
+        raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
+                        "train or test part; use a larger --subset_size or a fraction nearer 0.5")
     lo, hi = row_norm_range(d["phi1"])
     if not args.normalize and max(abs(lo - 1), abs(hi - 1)) > 1e-3:
         warn(f"--phi1_path rows are not unit norm (norms {lo:.3g} to {hi:.3g}); HUME's phi1 is L2-normalised: "

@@ -127,14 +127,14 @@ def brute_force_acc(y_true, y_pred):
 #   `import torch` (3-4 CPU-seconds) of every run; set HUME_TEST_EXEC=1 to run everything the "exec" way.
 PREIMPORT = ("torch", "numpy", "scipy.optimize", "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection",
              "sklearn.exceptions", "tqdm")
-
-
-STEP_TIMEOUT = 300
+STEP_TIMEOUT = 300  # seconds, per script run
 
 
 class Result:
-    def __init__(self, args, returncode, stdout, stderr):
-        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
+    """A finished run: args (the command line), returncode, stdout, stderr, cpu (seconds; forked runs only)."""
+
+    def __init__(self, args, returncode, stdout, stderr, cpu=None):
+        self.args, self.returncode, self.stdout, self.stderr, self.cpu = args, returncode, stdout, stderr, cpu
 
 
 def child_env():
@@ -150,14 +150,14 @@ def command(script, args):
     return [sys.executable, os.path.join(REPO, script)] + [str(a) for a in args]
 
 
-def run_script(script, args, timeout=300):
+def run_script(script, args, timeout=STEP_TIMEOUT):
     """Run `python script args...` from the repo root in a fresh interpreter."""
     p = subprocess.run(command(script, args), cwd=REPO, env=child_env(), capture_output=True, text=True,
                        timeout=timeout)
     return Result(p.args, p.returncode, p.stdout, p.stderr)
 
 
-def run_chain(steps, timeout=300):
+def run_chain(steps, timeout=STEP_TIMEOUT):
     """steps: [(script, args), ...] run one after the other; stops after the first that fails."""
     procs = []
     for script, args in steps:
@@ -232,8 +232,11 @@ def _fork_run(script, args, out, err):
             else:
                 print(e.code, file=sys.stderr)
                 code = 1
-        except BaseException:
-            traceback.print_exc()
+        except BaseException as e:  # as the interpreter prints it: from the script's own frame on
+            tb = e.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename != path:
+                tb = tb.tb_next
+            traceback.print_exception(type(e), e, tb or e.__traceback__)
             code = 1
     finally:
         try:
@@ -243,56 +246,38 @@ def _fork_run(script, args, out, err):
             os._exit(code)
 
 
-def _fork_chain(steps, folder, report):
-    """In a forked child: run the steps of one chain, each in its own forked grandchild, one after the other,
-    stopping after the first that fails; the results go to the file report as JSON. Never returns."""
-    results = []
-    try:
-        for j, (script, args) in enumerate(steps):
-            out, err = os.path.join(folder, f"{j}.out"), os.path.join(folder, f"{j}.err")
-            pid = os.fork()
-            if pid == 0:
-                _fork_run(script, args, out, err)
-            _, status = os.waitpid(pid, 0)
-            with open(out) as fo, open(err) as fe:
-                results.append({"returncode": os.waitstatus_to_exitcode(status), "stdout": fo.read(),
-                                "stderr": fe.read()})
-            if results[-1]["returncode"] != 0:
-                break
-        with open(report, "w") as f:
-            json.dump(results, f)
-    finally:
-        os._exit(0)
-
-
 def _serve():
-    """The fork server (see above): a JSON list of chains on stdin, a JSON list of their results on stdout."""
+    """The fork server (see above): a JSON list of chains on stdin, a JSON list of their results on stdout.
+    Up to cpu_count runs at a time; a chain's next step is forked when its previous one succeeded."""
     import importlib
+    import shutil
     import tempfile
     chains = json.loads(sys.stdin.read())
     for name in PREIMPORT:
         importlib.import_module(name)
     tmp = tempfile.mkdtemp(prefix="hume_cli_")
     limit = max(2, os.cpu_count() or 1)
-    running, pending = {}, list(enumerate(chains))
-    while pending or running:
-        while pending and len(running) < limit:
-            i, steps = pending.pop(0)
-            folder = os.path.join(tmp, str(i))
-            os.makedirs(folder)
+    results = [[] for _ in chains]
+    ready = [(i, 0) for i in range(len(chains)) if chains[i]]  # (chain, step) that may start now
+    running = {}
+    while ready or running:
+        while ready and len(running) < limit:
+            i, j = ready.pop(0)
+            script, args = chains[i][j]
+            out, err = os.path.join(tmp, f"{i}_{j}.out"), os.path.join(tmp, f"{i}_{j}.err")
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _fork_chain(steps, folder, os.path.join(folder, "report.json"))
-            running[pid] = i
-        pid, _ = os.wait()
-        running.pop(pid)
-    results = []
-    for i in range(len(chains)):
-        with open(os.path.join(tmp, str(i), "report.json")) as f:
-            results.append(json.load(f))
-    import shutil
+                _fork_run(script, args, out, err)
+            running[pid] = (i, j, out, err)
+        pid, status, usage = os.wait4(-1, 0)
+        i, j, out, err = running.pop(pid)
+        with open(out) as fo, open(err) as fe:
+            results[i].append({"returncode": os.waitstatus_to_exitcode(status), "stdout": fo.read(),
+                               "stderr": fe.read(), "cpu": usage.ru_utime + usage.ru_stime})
+        if results[i][-1]["returncode"] == 0 and j + 1 < len(chains[i]):
+            ready.insert(0, (i, j + 1))
     shutil.rmtree(tmp)
     sys.stdout.write(json.dumps(results))
 

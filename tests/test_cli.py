@@ -1,0 +1,514 @@
+"""hume.py and evaluate.py from the outside: real subprocesses (sys.executable, from the repo root), on tiny
+synthetic problems written as .npy files.
+
+- Bad inputs (table-driven): exit code 2, exactly one stderr line "error: ..." naming the flag or file, no
+  traceback, and nothing written (a new --exp_path is not created, an existing empty one stays empty, nothing
+  appears beside --json or in the tasks folder).
+- End to end: transductive, inductive (labels with arbitrary integer values), --save_all; the files are the
+  paper's formats (plain torch / pickle load them), predictions and accuracies are recomputed here independently.
+- A folder "written by the paper's hume.py", built by hand with plain torch: the ensemble and best-CV choice.
+- The bundled demo with no path flags (skipped while its arrays are not under data/).
+
+Every fresh interpreter pays 3-4 CPU-seconds for `import torch`, so the module-scoped fixture `runs` starts all the
+runs the selected tests need at once: the transductive chain (hume.py then evaluate.py) runs as plain
+`sys.executable script ...` processes, the others are forked, one process per run, from a server that imported
+torch once and runs each script as __main__ (helpers.run_many; HUME_TEST_EXEC=1 runs them all the plain way).
+"""
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from helpers import (FAST, REPO, brute_force_acc, describe, hungarian_acc, orthogonal_linear, save_npy,
+                     write_paper_task, write_problem)
+
+DEMO_FILES = [os.path.join(REPO, p) for p in (
+    "data/representations/pca/digitstrain_l2.npy", "data/representations/pca/digitstest_l2.npy",
+    "data/representations/ocr/digitstrain.npy", "data/representations/ocr/digitstest.npy",
+    "data/labels/digitstest_targets.npy")]
+DEMO_PRESENT = all(os.path.exists(p) for p in DEMO_FILES)
+DEMO_TEST_POINTS = 360
+
+
+# ---------------------------------------------------------------- bad inputs: the tables
+
+class Case:
+    """What a bad-input builder gets: the shared valid problem P (paths), and writers into its own folder."""
+
+    def __init__(self, folder, P):
+        self.folder, self.P = folder, P
+        os.makedirs(folder, exist_ok=True)
+
+    def npy(self, name, arr):
+        return save_npy(self.folder, name, arr)
+
+    def raw(self, name, data):
+        path = os.path.join(self.folder, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def base(self, **override):
+        """Valid transductive hume.py flags, some replaced: override(phi1_path=...) or None to drop a flag."""
+        flags = {"phi1_path": self.P["phi1"], "phi2_path": self.P["phi2"], "gt_labels_path": self.P["labels"]}
+        flags.update(override)
+        return [a for f, v in flags.items() if v is not None for a in (f"--{f}", v)]
+
+    def inductive(self, **override):
+        flags = {"phi1_path_val": self.P["phi1_val"], "phi2_path_val": self.P["phi2_val"],
+                 "gt_labels_path": self.P["labels_val"]}
+        flags.update(override)
+        return self.base(**flags)
+
+    def arr(self, name):
+        return self.P["arrays"][name].copy()
+
+
+RANDOM_BYTES = np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+assert not RANDOM_BYTES.startswith(b"\x93NUMPY")
+
+
+def _truncated_npy(c):
+    path = c.npy("phi2_cut", c.arr("phi2"))
+    with open(path, "rb") as f:
+        data = f.read()
+    return c.raw("phi2_cut.npy", data[:len(data) // 2])
+
+
+def _poison(arr, value):
+    arr[5, 3] = value
+    return arr
+
+
+# id: (builder(case) -> hume.py flags (FAST and --exp_path are added), [strings the error line must contain])
+HUME_BAD = {
+    "rows_mismatch": (lambda c: c.base(phi2_path=c.npy("phi2", c.arr("phi2")[:-1])), ["--phi2_path"]),
+    "labels_length": (lambda c: c.base(gt_labels_path=c.npy("y", c.arr("labels")[:-1])), ["--gt_labels_path"]),
+    "nan_phi1": (lambda c: c.base(phi1_path=c.npy("phi1_nan", _poison(c.arr("phi1"), np.nan))),
+                 ["--phi1_path", "phi1_nan.npy"]),
+    "inf_phi2": (lambda c: c.base(phi2_path=c.npy("phi2_inf", _poison(c.arr("phi2"), np.inf))),
+                 ["--phi2_path", "phi2_inf.npy"]),
+    "phi1_1d": (lambda c: c.base(phi1_path=c.npy("phi1_1d", c.arr("phi1")[:, 0])), ["--phi1_path"]),
+    "phi2_int64": (lambda c: c.base(phi2_path=c.npy("phi2_int", np.round(c.arr("phi2")).astype(np.int64))),
+                   ["--phi2_path"]),
+    "k_1": (lambda c: c.base() + ["--k", 1], ["--k"]),
+    "k_gt_n": (lambda c: c.base() + ["--k", len(c.arr("phi1")) + 1], ["--k"]),
+    # W is k x d1 with orthonormal rows: impossible when k > d1 (the synthetic phi1 has 16 dims)
+    "k_gt_d1": (lambda c: c.base() + ["--k", c.P["d1"] + 4], ["--k"]),
+    "missing_phi1": (lambda c: c.base(phi1_path=os.path.join(c.folder, "nope.npy")), ["--phi1_path", "nope.npy"]),
+    "only_phi1_val": (lambda c: c.inductive(phi2_path_val=None), ["--phi2_path_val"]),
+    "only_phi2_val": (lambda c: c.inductive(phi1_path_val=None), ["--phi1_path_val"]),
+    "only_phi1_path": (lambda c: c.base(phi2_path=None), ["--phi2_path"]),
+    "only_phi2_path": (lambda c: c.base(phi1_path=None), ["--phi1_path"]),
+    "train_fraction_0": (lambda c: c.base() + ["--train_fraction", 0], ["--train_fraction"]),
+    "train_fraction_1": (lambda c: c.base() + ["--train_fraction", 1], ["--train_fraction"]),
+    # inside (0, 1) but 0.005 x 100 points leaves no training point: found only once the data size is known
+    "train_fraction_empty_split": (lambda c: c.base() + ["--train_fraction", 0.005], ["--train_fraction"]),
+    "inner_lr_negative": (lambda c: c.base() + ["--inner_lr", -0.1], ["--inner_lr"]),
+    "corrupt_npy": (lambda c: c.base(phi1_path=c.raw("junk.npy", RANDOM_BYTES)), ["--phi1_path", "junk.npy"]),
+    "truncated_npy": (lambda c: c.base(phi2_path=_truncated_npy(c)), ["--phi2_path", "phi2_cut.npy"]),
+    "val_dim_mismatch": (lambda c: c.inductive(phi1_path_val=c.npy("p1v", c.arr("phi1_val")[:, :-1])),
+                         ["--phi1_path_val"]),
+    "val_labels_length": (lambda c: c.inductive(gt_labels_path=c.P["labels"]), ["--gt_labels_path"]),
+}
+# the same inputs against an --exp_path that already exists (empty): it must stay empty
+HUME_BAD_EXISTING = ["rows_mismatch", "nan_phi1", "k_gt_n", "k_gt_d1", "corrupt_npy", "train_fraction_empty_split",
+                     "val_labels_length"]
+
+
+def _task_folder(c, seeds=(7,), d1=None):
+    """A valid task folder (paper format) for the shared problem's phi1."""
+    folder = os.path.join(c.folder, "tasks")
+    g = torch.Generator().manual_seed(0)
+    for s in seeds:
+        W = torch.linalg.qr(torch.randn(d1 or c.P["d1"], c.P["k"], generator=g))[0].T
+        write_paper_task(folder, s, W, 0.5)
+    return folder
+
+
+def _without(path):
+    os.remove(path)
+    return os.path.dirname(path)
+
+
+def _replace(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+    return os.path.dirname(path)
+
+
+# id: (builder(case) -> (--tasks_path, --phi1_path, --gt_labels_path), [strings the error line must contain])
+EVAL_BAD = {
+    "empty_folder": (lambda c: (os.makedirs(os.path.join(c.folder, "empty")) or os.path.join(c.folder, "empty"),
+                                c.P["phi1"], c.P["labels"]), ["--tasks_path"]),
+    "missing_folder": (lambda c: (os.path.join(c.folder, "absent"), c.P["phi1"], c.P["labels"]), ["--tasks_path"]),
+    "no_results_pickle": (lambda c: (_without(os.path.join(_task_folder(c), "results_7.pickle")), c.P["phi1"],
+                                     c.P["labels"]), ["results_7.pickle"]),
+    "corrupt_task": (lambda c: (_replace(os.path.join(_task_folder(c), "linear_task_7.pt"), RANDOM_BYTES),
+                                c.P["phi1"], c.P["labels"]), ["linear_task_7.pt"]),
+    "corrupt_results": (lambda c: (_replace(os.path.join(_task_folder(c), "results_7.pickle"), RANDOM_BYTES),
+                                   c.P["phi1"], c.P["labels"]), ["results_7.pickle"]),
+    "results_without_cv": (lambda c: (_replace(os.path.join(_task_folder(c), "results_7.pickle"),
+                                               pickle.dumps({"preds": [1, 2]})), c.P["phi1"], c.P["labels"]),
+                           ["results_7.pickle"]),
+    "other_d1": (lambda c: (_task_folder(c, d1=c.P["d1"] - 6), c.P["phi1"], c.P["labels"]), ["linear_task_7.pt"]),
+    "labels_length": (lambda c: (_task_folder(c), c.P["phi1"], c.npy("y_short", c.arr("labels")[:-1])),
+                      ["--gt_labels_path"]),
+}
+
+
+# ---------------------------------------------------------------- end-to-end runs
+
+def _setup_trans(root):
+    P = write_problem(os.path.join(root, "data"), n=240, k=4, seed=1)
+    out = os.path.join(root, "out")
+    steps = [("hume.py", ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--gt_labels_path", P["labels"],
+                          "--k", 4, "--seed", 3, "--exp_path", out] + FAST),
+             ("evaluate.py", ["--phi1_path", P["phi1"], "--gt_labels_path", P["labels"], "--tasks_path", out,
+                              "--json", os.path.join(out, "eval.json"), "--quiet"])]
+    return steps, {"P": P, "out": out, "seed": 3, "x": P["arrays"]["phi1"], "y": P["arrays"]["labels"]}
+
+
+def _setup_ind(root):
+    # the synthetic problem split in two; labels with arbitrary integer values
+    P = write_problem(os.path.join(root, "data"), n=300, k=4, seed=2, n_val=100, label_values=[10, -3, 7, 100])
+    out = os.path.join(root, "out")
+    steps = [("hume.py", ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--phi1_path_val", P["phi1_val"],
+                          "--phi2_path_val", P["phi2_val"], "--gt_labels_path", P["labels_val"], "--k", 4,
+                          "--seed", 5, "--exp_path", out] + FAST),
+             ("evaluate.py", ["--phi1_path", P["phi1_val"], "--gt_labels_path", P["labels_val"], "--tasks_path", out,
+                              "--json", os.path.join(out, "eval.json"), "--quiet"])]
+    return steps, {"P": P, "out": out, "seed": 5, "x": P["arrays"]["phi1_val"], "y": P["arrays"]["labels_val"]}
+
+
+def _setup_save_all(root):
+    P = write_problem(os.path.join(root, "data"), n=240, k=3, seed=4)
+    out = os.path.join(root, "out")
+    steps = [("hume.py", ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--gt_labels_path", P["labels"],
+                          "--k", 3, "--seed", 7, "--save_all", "--exp_path", out] + FAST),
+             ("evaluate.py", ["--phi1_path", P["phi1"], "--gt_labels_path", P["labels"], "--tasks_path", out,
+                              "--json", os.path.join(out, "eval.json"), "--quiet"])]
+    return steps, {"P": P, "out": out, "seed": 7, "x": P["arrays"]["phi1"], "y": P["arrays"]["labels"]}
+
+
+PAPER_K, PAPER_SIZES, PAPER_LABELS = 4, [12, 24, 36, 48], [5, 9, 2, 7]
+PAPER_SEEDS = {3: ([1, 2, 3, 0], 0.70), 11: ([3, 0, 2, 1], 0.95), 42: ([2, 3, 0, 1], 0.80)}  # perm, CV
+
+
+def _setup_paper(root):
+    """Tasks as the paper's hume.py writes them, for a phi1 built so that task j predicts perm_j(class) except on
+    its own 10% of the points (i % 10 == j), disjoint between tasks, where it predicts a wrong cluster.
+    phi1 = [onehot(class) | 3 blocks of k], task j: W_j = [P_j | B_j] / sqrt(2) (B_j selects block j), then one
+    random rotation of the whole space (W_j keeps orthonormal rows)."""
+    k = PAPER_K
+    cls = np.repeat(np.arange(k), PAPER_SIZES)
+    cls = cls[np.random.default_rng(3).permutation(len(cls))]
+    n, d1 = len(cls), k + 3 * k
+    X = np.zeros((n, d1))
+    X[np.arange(n), cls] = 1.0
+    expected_preds = {}
+    Ws = {}
+    rot = np.linalg.qr(np.random.default_rng(4).normal(size=(d1, d1)))[0]
+    for j, (seed, (perm, cv)) in enumerate(PAPER_SEEDS.items()):
+        perm = np.asarray(perm)
+        pred = perm[cls].copy()
+        flip = np.arange(n) % 10 == j
+        wrong = (pred[flip] + 1) % k
+        X[np.nonzero(flip)[0], k + j * k + wrong] = 2.0
+        pred[flip] = wrong
+        W = np.zeros((k, d1))
+        W[perm, np.arange(k)] = 1.0
+        W[np.arange(k), k + j * k + np.arange(k)] = 1.0
+        Ws[seed] = (W / np.sqrt(2)) @ rot
+        expected_preds[seed] = pred
+    X = X / np.linalg.norm(X, axis=1, keepdims=True) @ rot
+    out = os.path.join(root, "tasks")
+    for seed, (perm, cv) in PAPER_SEEDS.items():
+        write_paper_task(out, seed, Ws[seed], cv)
+        assert np.array_equal(np.argmax(X @ Ws[seed].T, 1), expected_preds[seed])  # the construction works
+    y = np.asarray(PAPER_LABELS)[cls]
+    phi1, labels = save_npy(root, "phi1", X.astype(np.float32)), save_npy(root, "labels", y)
+    steps = [("evaluate.py", ["--phi1_path", phi1, "--gt_labels_path", labels, "--tasks_path", out,
+                              "--json", os.path.join(root, "eval.json"), "--quiet"])]
+    return steps, {"out": out, "y": y, "cls": cls, "preds": expected_preds, "json": os.path.join(root, "eval.json")}
+
+
+def _setup_json_new_folder(root):
+    steps, c = _setup_paper(root)
+    c["json"] = os.path.join(root, "new", "sub", "eval.json")
+    steps[0][1][steps[0][1].index("--json") + 1] = c["json"]
+    return steps, c
+
+
+def _setup_demo(root):
+    out = os.path.join(root, "demo_out")
+    steps = [("hume.py", ["--num_iters", 2, "--num_subsets", 2, "--adaptation_steps", 3, "--exp_path", out,
+                          "--quiet"]),
+             ("evaluate.py", ["--tasks_path", out, "--json", os.path.join(root, "eval.json")])]
+    return steps, {"out": out, "json": os.path.join(root, "eval.json")}
+
+
+EXEC = {"trans"}  # these run as plain `python script ...` processes; the rest through the fork server
+CHAINS = {"trans": _setup_trans, "ind": _setup_ind, "save_all": _setup_save_all, "paper": _setup_paper,
+          "json_new_folder": _setup_json_new_folder, "demo": _setup_demo}
+NEEDS = {  # test -> the chains it reads
+    "test_transductive_end_to_end": ["trans"], "test_task_encoder_orthonormal": ["trans", "ind", "save_all"],
+    "test_inductive_end_to_end": ["ind"], "test_save_all": ["save_all"], "test_paper_folder": ["paper"],
+    "test_evaluate_json_into_new_folder": ["json_new_folder"],
+    "test_demo_defaults": ["demo"], "test_no_temporary_files_left": ["trans", "ind", "save_all", "demo"],
+}
+
+
+# ---------------------------------------------------------------- one launcher for every selected test
+
+def _wanted(session):
+    keys = []
+    for item in session.items:
+        if getattr(item, "module", None) is None or item.module.__file__ != __file__:
+            continue
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if item.originalname == "test_hume_bad_input":
+            keys.append(("hume", params["case"], "new"))
+        elif item.originalname == "test_hume_bad_input_existing_folder":
+            keys.append(("hume", params["case"], "empty"))
+        elif item.originalname == "test_evaluate_bad_input":
+            keys.append(("evaluate", params["case"]))
+        keys += NEEDS.get(item.originalname, [])
+    return [k for k in dict.fromkeys(keys) if DEMO_PRESENT or k != "demo"]
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """{key: (procs, context)} for every run the selected tests of this module need, all run concurrently."""
+    root = str(tmp_path_factory.mktemp("cli"))
+    P = write_problem(os.path.join(root, "shared"), n=240, k=4, d1=16, seed=0, n_val=60)
+    jobs, ctx = {}, {}
+    wanted = _wanted(request.session)
+    for key in sorted(wanted, key=lambda k: isinstance(k, tuple)):  # the long chains first
+        folder = os.path.join(root, "_".join(key) if isinstance(key, tuple) else key)
+        if isinstance(key, str):
+            jobs[key], ctx[key] = CHAINS[key](folder)
+        elif key[0] == "hume":
+            build, expect = HUME_BAD[key[1]]
+            args = build(Case(os.path.join(folder, "in"), P))
+            exp = os.path.join(folder, "exp")
+            if key[2] == "empty":
+                os.makedirs(exp)
+            jobs[key] = [("hume.py", args + FAST + ["--exp_path", exp])]
+            ctx[key] = {"exp": exp, "expect": expect}
+        else:
+            build, expect = EVAL_BAD[key[1]]
+            c = Case(os.path.join(folder, "in"), P)
+            tasks, phi1, labels = build(c)
+            before = sorted(os.listdir(tasks)) if os.path.isdir(tasks) else None
+            out_json = os.path.join(folder, "report", "eval.json")
+            os.makedirs(os.path.dirname(out_json))
+            jobs[key] = [("evaluate.py", ["--tasks_path", tasks, "--phi1_path", phi1, "--gt_labels_path", labels,
+                                          "--json", out_json])]
+            ctx[key] = {"tasks": tasks, "before": before, "json": out_json, "expect": expect}
+    procs = helpers.run_many(jobs, exec_keys=EXEC)  # looked up at call time: a profiler may wrap it
+    return {key: (procs[key], ctx[key]) for key in jobs}
+
+
+def assert_clean_failure(proc, expect):
+    info = describe(proc)
+    assert proc.returncode == 2, info
+    assert "Traceback" not in proc.stdout + proc.stderr, info
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), info
+    for s in expect:
+        assert s in lines[0], f"the error line should name {s!r}" + info
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, describe(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+
+
+# ---------------------------------------------------------------- 1. bad inputs
+
+@pytest.mark.parametrize("case", list(HUME_BAD))
+def test_hume_bad_input(runs, case):
+    (proc,), c = runs[("hume", case, "new")]
+    assert_clean_failure(proc, c["expect"])
+    assert not os.path.exists(c["exp"]), f"--exp_path was created by a run that failed: {os.listdir(c['exp'])}"
+
+
+@pytest.mark.parametrize("case", HUME_BAD_EXISTING)
+def test_hume_bad_input_existing_folder(runs, case):
+    (proc,), c = runs[("hume", case, "empty")]
+    assert_clean_failure(proc, c["expect"])
+    assert os.listdir(c["exp"]) == [], "a run that failed wrote into --exp_path"
+
+
+@pytest.mark.parametrize("case", list(EVAL_BAD))
+def test_evaluate_bad_input(runs, case):
+    (proc,), c = runs[("evaluate", case)]
+    assert_clean_failure(proc, c["expect"])
+    assert os.listdir(os.path.dirname(c["json"])) == [], "a failed run wrote beside --json"
+    if c["before"] is not None:
+        assert sorted(os.listdir(c["tasks"])) == c["before"], "the tasks folder changed"
+
+
+# ---------------------------------------------------------------- 2. end to end
+
+def load_task(path, d1, k):
+    """The task file into a plain orthogonal(nn.Linear(d1, k, bias=False)), strictly; returns W (k x d1)."""
+    module = orthogonal_linear(d1, k)
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return module.weight.detach().double()
+
+
+def load_results(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def check_run(runs, key):
+    """The common checks of one hume.py + evaluate.py chain; returns what the tests check further."""
+    procs, c = runs[key]
+    for p in procs:
+        assert_ok(p)
+    assert len(procs) == 2
+    out, seed, k, d1 = c["out"], c["seed"], c["P"]["k"], c["P"]["d1"]
+    for name in (f"linear_task_{seed}.pt", f"results_{seed}.pickle", f"metrics_{seed}.jsonl"):
+        assert os.path.isfile(os.path.join(out, name)), f"{name} missing from {sorted(os.listdir(out))}"
+    res = load_results(os.path.join(out, f"results_{seed}.pickle"))
+    assert isinstance(res, dict) and isinstance(res["CV_Score"], float) and 0 <= res["CV_Score"] <= 1
+
+    with open(os.path.join(out, f"metrics_{seed}.jsonl")) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    assert lines, "empty metrics log"
+    for rec in lines:
+        assert isinstance(rec, dict)
+        assert {"iteration", "loss", "tau", "lr", "seconds", "metrics"} <= set(rec), rec
+        assert np.isfinite(rec["loss"]) and set(rec["metrics"]) >= {"acc", "ari", "nmi"}
+    assert lines[-1]["iteration"] == 3
+
+    W = load_task(os.path.join(out, f"linear_task_{seed}.pt"), d1, k)
+    x, y = c["x"], c["y"]
+    preds = (torch.from_numpy(x).double() @ W.T).argmax(1).numpy()
+    assert np.array_equal(preds, np.asarray(res["preds"]).reshape(-1)), "stored preds != argmax(phi1 W^T)"
+    acc = hungarian_acc(y, preds)
+    assert acc == pytest.approx(brute_force_acc(y, preds), abs=1e-12)
+    assert res["metrics"]["acc"] == pytest.approx(acc, abs=1e-9)
+
+    with open(os.path.join(out, "eval.json")) as f:
+        report = json.load(f)
+    assert list(report["tasks"]) == [str(seed)]
+    t = report["tasks"][str(seed)]
+    assert t["acc"] == pytest.approx(acc, abs=1e-9)
+    assert t["CV_Score"] == pytest.approx(res["CV_Score"], abs=1e-12)
+    assert int(report["best_cv_seed"]) == seed
+    assert report["ensemble"]["acc"] == pytest.approx(acc, abs=1e-9)  # one task: the ensemble is that task
+    assert sum(report["ensemble_cluster_sizes"]) == len(y)
+    return res, report, W
+
+
+def test_transductive_end_to_end(runs):
+    res, report, W = check_run(runs, "trans")
+    assert len(res["preds"]) == 240
+
+
+def test_inductive_end_to_end(runs):
+    res, report, W = check_run(runs, "ind")
+    assert len(res["preds"]) == 100  # predictions on the evaluation split only
+
+
+def test_save_all(runs):
+    res, report, W = check_run(runs, "save_all")
+    procs, c = runs["save_all"]
+    names = os.listdir(c["out"])
+    iters = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"linear_task_(\d+)_7\.pt", n)))
+    assert len(iters) == 3 and iters in ([0, 1, 2], [1, 2, 3]), sorted(names)
+    for i in iters:  # every snapshot is a task file in the paper's format
+        load_task(os.path.join(c["out"], f"linear_task_{i}_7.pt"), c["P"]["d1"], c["P"]["k"])
+    last = load_task(os.path.join(c["out"], f"linear_task_{iters[-1]}_7.pt"), c["P"]["d1"], c["P"]["k"])
+    assert torch.allclose(last, W, atol=1e-6), "the last snapshot is not the final task"
+    assert list(report["tasks"]) == ["7"], "evaluate.py counted the per-iteration snapshots as tasks"
+
+
+def test_task_encoder_orthonormal(runs):
+    for key in ("trans", "ind", "save_all"):
+        procs, c = runs[key]
+        assert_ok(procs[0])
+        W = load_task(os.path.join(c["out"], f"linear_task_{c['seed']}.pt"), c["P"]["d1"], c["P"]["k"])
+        assert torch.allclose(W @ W.T, torch.eye(c["P"]["k"], dtype=W.dtype), atol=1e-5, rtol=0), key
+
+
+def test_no_temporary_files_left(runs):
+    for key in ("trans", "ind", "save_all", "demo"):
+        if key not in runs:
+            continue
+        procs, c = runs[key]
+        left = [n for n in os.listdir(c["out"]) if n.startswith(".tmp_")]
+        assert not left, f"{key}: {left}"
+        parent = os.path.dirname(c.get("json", c["out"]))
+        assert not [n for n in os.listdir(parent) if n.startswith(".tmp_")]
+
+
+# ---------------------------------------------------------------- 4. a folder from the paper's hume.py
+
+def test_paper_folder(runs):
+    (proc,), c = runs["paper"]
+    assert_ok(proc)
+    with open(c["json"]) as f:
+        report = json.load(f)
+    y, preds = c["y"], c["preds"]
+    assert sorted(report["tasks"], key=int) == [str(s) for s in sorted(PAPER_SEEDS)]
+    for seed in PAPER_SEEDS:
+        t = report["tasks"][str(seed)]
+        assert t["CV_Score"] == pytest.approx(PAPER_SEEDS[seed][1])
+        assert t["acc"] == pytest.approx(hungarian_acc(y, preds[seed]), abs=1e-12)
+        assert t["acc"] == pytest.approx(0.9, abs=1e-12)  # 10% of the points are wrong in each task
+    best = max(PAPER_SEEDS, key=lambda s: PAPER_SEEDS[s][1])
+    assert int(report["best_cv_seed"]) == best == 11
+    # the errors of the three tasks are disjoint: the majority vote is the true labeling
+    assert report["ensemble"]["acc"] == pytest.approx(1.0, abs=1e-12)
+    assert report["ensemble"]["ari"] == pytest.approx(1.0, abs=1e-9)
+    assert report["ensemble"]["nmi"] == pytest.approx(1.0, abs=1e-9)
+    # the ensemble speaks the best-CV task's cluster ids: cluster r holds the class that task maps to r
+    perm = np.asarray(PAPER_SEEDS[best][0])
+    assert report["ensemble_cluster_sizes"] == [PAPER_SIZES[int(np.nonzero(perm == r)[0][0])]
+                                                for r in range(PAPER_K)]
+    assert report["mean"]["acc"] == pytest.approx(0.9, abs=1e-12)
+
+
+def test_evaluate_json_into_new_folder(runs):
+    """--json into a folder that does not exist yet: either written (folder created) or refused with one error
+    line, never a traceback after all the work."""
+    (proc,), c = runs["json_new_folder"]
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    if proc.returncode == 0:
+        with open(c["json"]) as f:
+            assert json.load(f)["ensemble"]["acc"] == pytest.approx(1.0)
+    else:
+        assert_clean_failure(proc, ["--json"])
+
+
+# ---------------------------------------------------------------- 5. the bundled demo
+
+@pytest.mark.skipif(not DEMO_PRESENT, reason="the bundled demo arrays are not under data/ yet")
+def test_demo_defaults(runs):
+    import utils
+    assert sorted(DEMO_FILES) == sorted(utils.DEMO[k] for k in ("phi1_train", "phi1_test", "phi2_train",
+                                                                "phi2_test", "labels_test"))
+    procs, c = runs["demo"]
+    for p in procs:
+        assert_ok(p)
+    assert len(procs) == 2
+    res = load_results(os.path.join(c["out"], "results_42.pickle"))
+    assert len(res["preds"]) == DEMO_TEST_POINTS, "the demo must be scored on its test split"
+    x, y = np.load(utils.DEMO["phi1_test"]), np.load(utils.DEMO["labels_test"])
+    W = load_task(os.path.join(c["out"], "linear_task_42.pt"), x.shape[1], 10)  # the default --k 10
+    assert np.array_equal((torch.from_numpy(x).double() @ W.T).argmax(1).numpy(), np.asarray(res["preds"]))
+    with open(c["json"]) as f:
+        report = json.load(f)
+    assert sum(report["ensemble_cluster_sizes"]) == DEMO_TEST_POINTS
+    assert report["tasks"]["42"]["acc"] == pytest.approx(hungarian_acc(y, res["preds"]), abs=1e-9)
+    assert "ensemble" in report and "ACC" in procs[1].stdout
