@@ -8,7 +8,6 @@ Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py
 Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
-import json
 import os
 import pickle
 import re
@@ -16,7 +15,7 @@ import re
 import numpy as np
 import torch
 
-from utils import (DEMO, HumeError, align_to, all_metrics, atomic_write, ensure_dir, load_array, load_labels, log,
+from utils import (DEMO, HumeError, align_to, all_metrics, ensure_dir, json_save, load_array, load_labels, log,
                    majority_vote, make_parser, run_cli)
 
 TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
@@ -140,10 +139,7 @@ def main(argv=None):
     out = evaluate(phi1, find_tasks(args.tasks_path), y)
     report(out, args.quiet)
     if args.json:
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=2)
-        atomic_write(args.json, write)
+        json_save(out, args.json)
 
 
 if __name__ == "__main__":

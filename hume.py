@@ -244,9 +244,13 @@ def train(args, d, world=None):
 
 def keep_log_until(path, iteration):
     """On resume, drop log lines written after the checkpoint's iteration (they will be written again)."""
-    lines = [ln for ln in open(path)] if os.path.isfile(path) else []
-    kept = "".join(ln for ln in lines if json.loads(ln)["iteration"] <= iteration)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(kept))
+    with open(path) if os.path.isfile(path) else open(os.devnull) as f:
+        kept = "".join(ln for ln in f if json.loads(ln)["iteration"] <= iteration)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(kept)
+    atomic_write(path, write)
 
 
 def kill_hook(iteration):

@@ -245,6 +245,14 @@ def pickle_save(obj, path):
     atomic_write(path, write)
 
 
+def json_save(obj, path):
+    """Pretty JSON, written atomically (reports: evaluate.py --json and friends)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
 def append_jsonl(path, record):
     """One JSON object per line (DINO-style metrics log); appended whole, flushed."""
     with open(path, "a") as f:
