@@ -1,0 +1,138 @@
+"""Choose the number of classes k without labels: run HUME for each k over a few seeds and compare the label-free
+generalisation scores.
+
+    python select_k.py --k_range 5..15 --seeds 0 1 -- --outer_lr 0.02 --num_subsets 3 --adaptation_steps 50 \
+        --num_iters 60                     # bundled demo, ~7 min on one CPU core; flags after -- go to hume.py
+    python select_k.py --k_range 2..7 --phi1_path P1.npy --phi2_path P2.npy --out tasks/select_k_mine/ --json k.json
+
+Every flag this script does not know is passed to hume.py unchanged (paths, budgets, --device...); --k, --seed,
+--exp_path and --quiet are set here: the tasks of k go to {--out}/k{k}/. The score of a task is its CV_Score
+(10-fold CV accuracy of a logistic regression predicting the task's labels from phi2, SPEC §2).
+
+The rule (--rule gain, the default): choose the k with the highest mean CV score minus 1/k. The raw CV score is
+biased toward small k: fewer classes are easier to predict, and merging two true classes costs nothing, so raw
+scores tie (or favour k=2) whenever the true classes are well separated. 1/k is the score of a random balanced
+labeling of k classes (chance), so CV - 1/k is how much better than chance a labeling is predicted; it rewards the
+extra classes only while they stay as predictable as the others. On four blobs with phi1 = phi2 + noise
+(tests/test_select_k.py) raw scores tie k=2 with k=4 while the gain picks 4; on the digits demo all three rules pick
+k=10. --rule raw uses the mean CV score, --rule kappa the chance-normalised (CV - 1/k) / (1 - 1/k).
+A heuristic: nothing guarantees that the human labeling is the one of highest score, and the scores of neighbouring
+k are often within their seed-to-seed spread (see std); ground truth, when given to hume.py, is only shown in the
+table (mean ACC), never used to choose.
+"""
+import os
+import pickle
+import re
+
+import numpy as np
+from tqdm import tqdm
+
+import hume
+from utils import HumeError, ensure_dir, json_save, log, make_parser, run_cli
+
+RULES = {  # score of a k from its mean CV score: higher is better
+    "gain": lambda cv, k: cv - 1 / k,
+    "raw": lambda cv, k: cv,
+    "kappa": lambda cv, k: (cv - 1 / k) / (1 - 1 / k),
+}
+SET_HERE = ("--k", "--seed", "--exp_path", "--quiet")  # hume.py flags this script sets itself
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.allow_abbrev = False  # else a passed-through --k would be read as an abbreviation of --k_range
+    p.epilog = ("Every other flag (or all flags after --) is passed to hume.py: data paths, budgets, --device. "
+                "--k, --seed, --exp_path and --quiet are set by this script.")
+    p.add_argument("--k_range", nargs="+", default=["5..15"],
+                   help="values of k: A..B (inclusive range) and/or single numbers, e.g. 5..15 or 4 6 8")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="HUME seeds run for every k")
+    p.add_argument("--rule", choices=sorted(RULES), default="gain",
+                   help="gain: max mean CV - 1/k; raw: max mean CV; kappa: max (CV - 1/k) / (1 - 1/k)")
+    p.add_argument("--out", default="./tasks/select_k/", help="output folder; the tasks of k go to {out}/k{k}/")
+    p.add_argument("--json", help="also write the table and the chosen k to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    return p
+
+
+def parse_k_range(tokens):
+    ks = []
+    for t in tokens:
+        m = re.fullmatch(r"(\d+)\.\.(\d+)", t)
+        if m:
+            ks += range(int(m.group(1)), int(m.group(2)) + 1)
+        elif t.isdigit():
+            ks.append(int(t))
+        else:
+            raise HumeError(f"--k_range: cannot read {t!r}; use A..B (e.g. 5..15) or single numbers (e.g. 4 6 8)")
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 2:
+        raise HumeError(f"--k_range must hold values of k >= 2, got {' '.join(tokens)}")
+    return ks
+
+
+def hume_flags(extra):
+    """The flags passed to hume.py, checked once up front (a typo fails now, not after the first k)."""
+    extra = [a for a in extra if a != "--"]
+    for a in extra:
+        if a.split("=")[0] in SET_HERE:
+            raise HumeError(f"{a.split('=')[0]} is set by select_k.py (use --k_range, --seeds, --out); "
+                            "remove it from the flags passed to hume.py")
+    parser = hume.build_parser()
+    parser.prog = "hume.py (flags passed on by select_k.py)"
+    hume.check_args(parser.parse_args(extra + ["--k", "2"]))
+    return extra
+
+
+def run_grid(ks, seeds, extra, out, quiet):
+    """HUME for every (k, seed); returns {k: [results dict per seed]} read back from the results pickles."""
+    results = {k: [] for k in ks}
+    grid = [(k, s) for k in ks for s in seeds]
+    for k, s in tqdm(grid, desc="select_k (k, seed)", disable=True if quiet else None):
+        folder = os.path.join(out, f"k{k}")
+        hume.main(extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder, "--quiet"])
+        with open(os.path.join(folder, f"results_{s}.pickle"), "rb") as f:
+            results[k].append(pickle.load(f))
+    return results
+
+
+def score_table(results, rule):
+    """One row per k: mean and std of the CV score over seeds, the rule's score, and mean ACC if labels were given.
+    Returns (rows, chosen k)."""
+    rows = []
+    for k, runs in results.items():
+        cv = np.array([r["CV_Score"] for r in runs])
+        row = {"k": k, "cv_mean": float(cv.mean()), "cv_std": float(cv.std()), "chance": 1 / k,
+               "score": float(RULES[rule](cv.mean(), k))}
+        if all("metrics" in r for r in runs):
+            row["acc_mean"] = float(np.mean([r["metrics"]["acc"] for r in runs]))
+        rows.append(row)
+    best = max(rows, key=lambda r: (r["score"], -r["k"]))  # ties: the smaller k
+    return rows, best["k"]
+
+
+def format_table(rows, chosen, rule):
+    acc = all("acc_mean" in r for r in rows)
+    lines = [f"{'k':>4} {'CV mean':>8} {'std':>7} {'1/k':>6} {rule:>8}" + (f" {'ACC mean':>9}" if acc else "")]
+    for r in rows:
+        lines.append(f"{r['k']:>4} {r['cv_mean']:8.4f} {r['cv_std']:7.4f} {r['chance']:6.3f} {r['score']:8.4f}" +
+                     (f" {r['acc_mean']:9.4f}" if acc else "") + ("  <- chosen" if r["k"] == chosen else ""))
+    lines.append(f"chosen k = {chosen} (rule {rule}: highest {'mean CV' if rule == 'raw' else rule + ' score'}; "
+                 "a heuristic, see select_k.py --help)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args, extra = build_parser().parse_known_args(argv)
+    ks = parse_k_range(args.k_range)
+    extra = hume_flags(extra)
+    ensure_dir(args.out, "--out")
+    rows, chosen = score_table(run_grid(ks, args.seeds, extra, args.out, args.quiet), args.rule)
+    log(format_table(rows, chosen, args.rule), args.quiet)
+    out = {"rule": args.rule, "chosen_k": chosen, "seeds": args.seeds, "hume_flags": extra, "table": rows}
+    if args.json:
+        json_save(out, args.json)
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
