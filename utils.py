@@ -51,7 +51,8 @@ class Parser(argparse.ArgumentParser):
 
 def make_parser(doc):
     """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
-    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                  allow_abbrev=False)  # a typo such as --num_iter must not silently become --num_iters
 
 
 def log(msg, quiet=False):
