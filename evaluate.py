@@ -86,6 +86,16 @@ def ensemble(preds, cv):
     return best, majority_vote([align_to(preds[s], preds[best]) for s in preds])
 
 
+def untrained_inner(res_path):
+    """True when hume.py recorded that the task's inner classifier barely trained (inner CE lowered by less than
+    hypergrad.DROP_MIN at the first iteration): such a task was searched without signal. False for the paper's
+    pickles, which carry no diagnosis."""
+    from hypergrad import DROP_MIN
+    with open(res_path, "rb") as f:
+        first = (pickle.load(f).get("inner_fit") or {}).get("first")
+    return bool(first) and first["ce_drop"] < DROP_MIN
+
+
 def task_predictions(phi1, tasks):
     """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks."""
     phi1 = torch.from_numpy(phi1)
@@ -99,7 +109,8 @@ def evaluate(phi1, tasks, y_true=None):
     """Per-task predictions, CV scores and (with labels) metrics, plus the ensemble. Returns a JSON-ready dict."""
     preds, cv, _ = task_predictions(phi1, tasks)
     best, vote = ensemble(preds, cv)
-    out = {"best_cv_seed": best, "tasks": {s: {"CV_Score": cv[s]} for s in tasks},
+    out = {"best_cv_seed": best,
+           "tasks": {s: {"CV_Score": cv[s], "untrained_inner": untrained_inner(tasks[s][1])} for s in tasks},
            "ensemble_cluster_sizes": np.bincount(np.unique(vote, return_inverse=True)[1]).tolist()}
     if y_true is not None:
         for s in tasks:
@@ -115,7 +126,8 @@ def report(out, quiet):
     rows = [f"{'seed':>6} {'CV':>7}" + ("" if "mean" not in out else f" {'ACC':>7} {'ARI':>7} {'NMI':>7}")]
     for s, t in out["tasks"].items():
         rows.append(f"{s:>6} {t['CV_Score']:7.4f}" +
-                    ("" if "acc" not in t else f" {t['acc']:7.4f} {t['ari']:7.4f} {t['nmi']:7.4f}"))
+                    ("" if "acc" not in t else f" {t['acc']:7.4f} {t['ari']:7.4f} {t['nmi']:7.4f}") +
+                    (" !" if t["untrained_inner"] else ""))
     if "mean" in out:
         mean, std, ens = out["mean"], out["std"], out["ensemble"]
         rows.append("mean +- std over tasks: " + "  ".join(f"{m.upper()} {mean[m]:.4f} +- {std[m]:.4f}" for m in mean))
@@ -124,6 +136,9 @@ def report(out, quiet):
     else:
         rows.append(f"no --gt_labels_path: best-CV seed {out['best_cv_seed']}, "
                     f"ensemble cluster sizes {out['ensemble_cluster_sizes']}")
+    if any(t["untrained_inner"] for t in out["tasks"].values()):
+        rows.append("! the inner classifier of these tasks barely trained (hume.py warned): rerun them with "
+                    "--inner_lr auto")
     log("\n".join(rows), quiet)
 
 

@@ -178,6 +178,7 @@ def train(args, d, world=None):
     m_tr = int(args.train_fraction * m)  # both parts non-empty: checked by load_data
     lrs, lams, scales = resolve_inner_lr(args, d["phi2"])
     phi2as = [source(p, dev, ones=True, scale=s) for p, s in zip(d["phi2"], scales)]
+    phi1_val = source(d["phi1_val"], dev, args.normalize)
     encoder = make_task_encoder(d1, args.k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=args.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)
@@ -214,7 +215,7 @@ def train(args, d, world=None):
                             f"iteration {it}; the task encoder was not updated. Last good checkpoint: {last}. "
                             "Lower --outer_lr or --inner_lr (see the inner_lr x lambda_max line)")
         bar.set_postfix(loss=f"{loss:.4f}")
-        if it == 0:
+        if it == 0 and writer:
             state["inner_fit_first"] = fit_summary(fit)
             for msg in filter(None, [hypergrad.diagnose(state["inner_fit_first"], lr_j, lam)
                                      for lr_j, lam in zip(lrs, lams)]):
@@ -228,8 +229,7 @@ def train(args, d, world=None):
             record = {"iteration": it + 1, "loss": loss, "tau": tau, "lr": lr, "inner_lr": args.inner_lr,
                       "grad_norm": gnorm, "inner_fit": state["inner_fit_last"], "seconds": round(time.time() - t0, 3)}
             if d["y_val"] is not None:
-                record["metrics"] = all_metrics(d["y_val"], predict(encoder, source(d["phi1_val"], dev,
-                                                                                    args.normalize)))
+                record["metrics"] = all_metrics(d["y_val"], predict(encoder, phi1_val))
                 log(f"iter {it + 1}: loss {loss:.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items()), args.quiet)
             append_jsonl(metrics_path, record)

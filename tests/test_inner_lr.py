@@ -61,6 +61,9 @@ def test_unit_norm_phi2_warns_with_the_default_step_and_auto_fixes_it(tmp_path):
     r = results(str(tmp_path / "auto"))
     assert r["inner_fit"]["first"]["ce_drop"] > hypergrad.DROP_MIN
     assert r["metrics"]["acc"] >= 0.85
+    import evaluate  # evaluate.py flags the task found with an untrained inner problem, not the other
+    assert evaluate.untrained_inner(str(tmp_path / "default" / "results_42.pickle"))
+    assert not evaluate.untrained_inner(str(tmp_path / "auto" / "results_0.pickle"))
 
 
 def test_auto_step_makes_the_search_scale_equivariant(tmp_path):
