@@ -152,7 +152,7 @@ def fit_summary(fit):
 
 def resolve_inner_lr(args, phi2s):
     """Inner step per phi2 space (args.inner_lr becomes a list when several). With --inner_lr auto each space is
-    rescaled to unit RMS row norm and stepped at 1/lambda_max (hypergrad.auto_inner_step).
+    rescaled to RMS row norm sqrt(d2) and stepped at 1/lambda_max (hypergrad.auto_inner_step).
     Returns the steps, the lambda_max of the data the inner loop sees, and the scales."""
     args.inner_lr_auto = args.inner_lr == "auto"
     if args.inner_lr_auto:
@@ -162,7 +162,7 @@ def resolve_inner_lr(args, phi2s):
     args.inner_lr = lrs if len(lrs) > 1 else lrs[0]
     args.phi2_scale = scales if len(scales) > 1 else scales[0]
     for i, (lr, lam, s) in enumerate(zip(lrs, lams, scales)):
-        how = f"auto: phi2 x {s:.4g} (unit RMS row norm), step 1/lambda_max" if args.inner_lr_auto else "given"
+        how = f"auto: phi2 x {s:.4g} (RMS row norm sqrt(d2)), step 1/lambda_max" if args.inner_lr_auto else "given"
         log(f"phi2 space {i}: inner_lr {lr:.4g} ({how}); lambda_max {lam:.4g}; inner_lr x lambda_max "
             f"{lr * lam:.3g} (stable below ~4)", args.quiet)
     return lrs, lams, scales

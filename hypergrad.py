@@ -257,15 +257,17 @@ def lambda_max(phi2, seed=0, scale=1.0):
 
 
 def auto_inner_step(phi2, seed=0):
-    """--inner_lr auto: rescale phi2 to unit RMS row norm, then step 1/lambda_max of [phi2 * scale, 1].
+    """--inner_lr auto: rescale phi2 to RMS row norm sqrt(d2), then step 1/lambda_max of [phi2 * scale, 1].
 
-    The rescaling makes the inner problem (step, and the nn.Linear-style init of the inner classifier) the same
-    whatever the embedding's scale: without it, features of norm 0.01 leave lambda_max to the ones column (~1) and
-    the weights barely move. Returns (scale, inner_lr, lambda_max of the rescaled data)."""
+    The rescaling makes the inner problem the same whatever the embedding's scale: features then have unit second
+    moment per coordinate on average, the scale nn.Linear's init (which the inner classifier uses) is made for, and
+    the bias's ones column no longer dominates lambda_max (with features of norm 0.01 it would, and the weights
+    would barely move). Returns (scale, inner_lr, lambda_max of the rescaled data)."""
     import numpy as np
-    n = phi2.shape[0]
+    n, d = phi2.shape
     rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
-    scale = 1.0 / float(np.sqrt(np.mean(np.sum(np.asarray(phi2[rows], dtype=np.float64) ** 2, axis=1))))
+    mean_sq = float(np.mean(np.sum(np.asarray(phi2[rows], dtype=np.float64) ** 2, axis=1)))
+    scale = float(np.sqrt(d / mean_sq))
     lam = lambda_max(phi2, seed, scale)
     return scale, 1.0 / lam, lam
 

@@ -107,7 +107,7 @@ def source(arr, dev, normalize=False, ones=False, scale=1.0):
 def prepare(x, normalize, ones, scale=1.0):
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
-    if scale != 1.0:  # --inner_lr auto: phi2 at unit RMS row norm
+    if scale != 1.0:  # --inner_lr auto: phi2 at RMS row norm sqrt(d2)
         x = x * scale
     if ones:  # the inner classifier's bias as a ones column
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)

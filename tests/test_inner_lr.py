@@ -71,8 +71,8 @@ def test_auto_step_makes_the_search_scale_equivariant(tmp_path):
     for scale in (0.01, 1.0, 100.0):
         folder = tmp_path / str(scale)
         folder.mkdir()
-        out = hume(demo_inputs(str(folder), scale) + SHORT[:-6] + ["--num_iters", "40", "--device", "cpu",
-                   "--inner_lr", "auto", "--quiet", "--exp_path", str(folder / "out")])
+        out = hume(demo_inputs(str(folder), scale) + SHORT + ["--num_iters", "40", "--inner_lr", "auto", "--quiet",
+                                                               "--exp_path", str(folder / "out")])
         assert out.returncode == 0, out.stderr
         preds.append(results(str(folder / "out"))["preds"])
     for other in preds[1:]:
