@@ -29,10 +29,11 @@ class HumeError(Exception):
     """A problem the user can fix (bad file, bad flag). Scripts print it as one line and exit 2."""
 
 
-def run_cli(main):
-    """Run a script's main(); a HumeError becomes one line on stderr and exit code 2, never a traceback."""
+def run_cli(main, argv=None):
+    """Run a script's main(argv) (None: the command line); a HumeError becomes one line on stderr and exit code 2,
+    never a traceback."""
     try:
-        main()
+        main(argv)
     except HumeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -118,6 +118,22 @@ def brute_force_acc(y_true, y_pred):
 
 
 # ---------------------------------------------------------------- running the scripts
+
+def cli(main, argv):
+    """Run a script's main(argv) in this process exactly as its `__main__` does (utils.run_cli): returns
+    (exit code, stdout, stderr). An exception that run_cli lets through (a traceback) propagates to the test."""
+    import contextlib
+    import io
+    from utils import run_cli
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(main, [str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
 # Two ways, same result object (returncode, stdout, stderr, args):
 # - "exec": `sys.executable script args...` from the repo root, one fresh interpreter per run;
 # - "fork": one server process (`sys.executable tests/helpers.py --serve`) imports torch/numpy/scipy/sklearn once
