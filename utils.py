@@ -1,4 +1,4 @@
-"""Shared helpers: errors, array loading and validation, seeding, metrics, atomic files, logging.
+"""Shared helpers: errors and the command line, array loading and validation, seeding, atomic files, logging.
 
 One home for each helper; the scripts import from here and never copy.
 """
@@ -9,7 +9,6 @@ import pickle
 import random
 import sys
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -142,80 +141,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ---------------------------------------------------------------- metrics
-
-def contingency(y_pred, y_true):
-    """Counts C[i, j] = #points with predicted cluster i and class j, for arbitrary integer values."""
-    pred_ids, pred = np.unique(y_pred, return_inverse=True)
-    true_ids, true = np.unique(y_true, return_inverse=True)
-    C = np.zeros((len(pred_ids), len(true_ids)), dtype=np.int64)
-    np.add.at(C, (pred, true), 1)
-    return C, pred_ids, true_ids
-
-
-def cluster_acc(y_true, y_pred):
-    """Clustering accuracy under the best one-to-one cluster-to-class matching (Hungarian algorithm).
-
-    Clusters left without a class (more clusters than classes) count as wrong.
-    """
-    from scipy.optimize import linear_sum_assignment
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    C, _, _ = contingency(y_pred, y_true)
-    rows, cols = linear_sum_assignment(C, maximize=True)
-    return float(C[rows, cols].sum() / len(y_true))
-
-
-def all_metrics(y_true, y_pred):
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-    return {"acc": cluster_acc(y_true, y_pred),
-            "ari": float(adjusted_rand_score(y_true, y_pred)),
-            "nmi": float(normalized_mutual_info_score(y_true, y_pred))}
-
-
-def align_to(y_pred, y_ref):
-    """Relabel y_pred so its clusters carry the labels of the y_ref clusters they overlap most (Hungarian).
-
-    Clusters of y_pred that find no partner keep fresh labels not used by y_ref.
-    """
-    from scipy.optimize import linear_sum_assignment
-    C, pred_ids, ref_ids = contingency(y_pred, y_ref)
-    rows, cols = linear_sum_assignment(C, maximize=True)
-    mapping = {pred_ids[r]: ref_ids[c] for r, c in zip(rows, cols)}
-    fresh = int(max(np.max(y_ref), np.max(y_pred))) + 1
-    for p in pred_ids:
-        if p not in mapping:
-            mapping[p], fresh = fresh, fresh + 1
-    return np.array([mapping[p] for p in y_pred], dtype=np.int64)
-
-
-def majority_vote(labelings):
-    """Per-point most frequent label across rows of labelings (n_tasks x n); ties go to the smaller label."""
-    labelings = np.asarray(labelings)
-    ids, inv = np.unique(labelings, return_inverse=True)
-    inv = inv.reshape(labelings.shape)
-    counts = np.zeros((len(ids), labelings.shape[1]), dtype=np.int64)
-    for row in inv:
-        counts[row, np.arange(labelings.shape[1])] += 1
-    return ids[counts.argmax(0)]
-
-
-def cv_score(features, y_pred, folds=10, seed=1):
-    """HUME's label-free generalisation score (SPEC §2): 10-fold CV accuracy of an unregularised
-    multinomial logistic regression that predicts the task's labels from phi2."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import KFold, cross_val_score
-    y_pred = np.asarray(y_pred)
-    if len(np.unique(y_pred)) < 2:
-        return 0.0  # a constant labeling carries no information: score it as worst
-    cv = KFold(n_splits=min(folds, len(y_pred)), shuffle=True, random_state=seed)
-    clf = LogisticRegression(C=np.inf, max_iter=1000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", UserWarning)  # folds missing a rare class
-        return float(np.mean(cross_val_score(clf, features, y_pred, cv=cv, scoring="accuracy")))
-
-
 # ---------------------------------------------------------------- files
 
 def atomic_write(path, write_fn):
@@ -238,6 +163,35 @@ def atomic_write(path, write_fn):
 
 def torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class _ResultsUnpickler(pickle.Unpickler):
+    """Unpickles only what results pickles hold (builtin containers and scalars, numpy arrays, dtypes and scalars):
+    a pickle can name any callable, and plain pickle.load would call it."""
+    ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
+                                         "str", "bytes", "bool", "slice")} | \
+        {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
+        {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | \
+        {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "numpy" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refuses to load object {module}.{name}")
+
+
+def load_results(path):
+    """A results_{seed}.pickle (ours or the paper's) as a dict, read without running any code it may carry."""
+    try:
+        with open(path, "rb") as f:
+            out = _ResultsUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise HumeError(f"{path}: {e}; this file is not a results pickle written by HUME") from None
+    except Exception as e:
+        raise HumeError(f"{path}: cannot be read as a results pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(out, dict):
+        raise HumeError(f"{path}: holds a {type(out).__name__}, not the dict of a results pickle")
+    return out
 
 
 def pickle_save(obj, path):

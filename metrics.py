@@ -1,0 +1,84 @@
+"""Scores of a labeling: clustering accuracy (Hungarian matching), ARI, NMI; aligning and ensembling labelings; and
+HUME's label-free generalisation score (the CV score). Labels may be any integers; cluster and class counts may differ.
+"""
+import warnings
+
+import numpy as np
+
+def contingency(y_pred, y_true):
+    """Counts C[i, j] = #points with predicted cluster i and class j, for arbitrary integer values."""
+    pred_ids, pred = np.unique(y_pred, return_inverse=True)
+    true_ids, true = np.unique(y_true, return_inverse=True)
+    C = np.zeros((len(pred_ids), len(true_ids)), dtype=np.int64)
+    np.add.at(C, (pred, true), 1)
+    return C, pred_ids, true_ids
+
+
+def cluster_acc(y_true, y_pred):
+    """Clustering accuracy under the best one-to-one cluster-to-class matching (Hungarian algorithm).
+
+    Clusters left without a class (more clusters than classes) count as wrong.
+    """
+    from scipy.optimize import linear_sum_assignment
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    C, _, _ = contingency(y_pred, y_true)
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    return float(C[rows, cols].sum() / len(y_true))
+
+
+def all_metrics(y_true, y_pred):
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    return {"acc": cluster_acc(y_true, y_pred),
+            "ari": float(adjusted_rand_score(y_true, y_pred)),
+            "nmi": float(normalized_mutual_info_score(y_true, y_pred))}
+
+
+def align_to(y_pred, y_ref):
+    """Relabel y_pred so its clusters carry the labels of the y_ref clusters they overlap most (Hungarian).
+
+    Clusters of y_pred that find no partner keep fresh labels not used by y_ref.
+    """
+    from scipy.optimize import linear_sum_assignment
+    C, pred_ids, ref_ids = contingency(y_pred, y_ref)
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    mapping = {pred_ids[r]: ref_ids[c] for r, c in zip(rows, cols)}
+    fresh = int(max(np.max(y_ref), np.max(y_pred))) + 1
+    for p in pred_ids:
+        if p not in mapping:
+            mapping[p], fresh = fresh, fresh + 1
+    return np.array([mapping[p] for p in y_pred], dtype=np.int64)
+
+
+def majority_vote(labelings):
+    """Per-point most frequent label across rows of labelings (n_tasks x n); ties go to the smaller label."""
+    labelings = np.asarray(labelings)
+    ids, inv = np.unique(labelings, return_inverse=True)
+    inv = inv.reshape(labelings.shape)
+    counts = np.zeros((len(ids), labelings.shape[1]), dtype=np.int64)
+    for row in inv:
+        counts[row, np.arange(labelings.shape[1])] += 1
+    return ids[counts.argmax(0)]
+
+
+def cv_score(features, y_pred, folds=10, seed=1):
+    """HUME's label-free generalisation score: 10-fold CV accuracy of an unregularised multinomial logistic
+    regression that predicts the task's labels from phi2 (KFold, shuffled, fixed seed)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, cross_val_score
+    y_pred = np.asarray(y_pred)
+    if len(np.unique(y_pred)) < 2:
+        return 0.0  # a constant labeling carries no information: score it as worst
+    cv = KFold(n_splits=min(folds, len(y_pred)), shuffle=True, random_state=seed)
+    clf = LogisticRegression(C=np.inf, max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)  # folds missing a rare class
+        return float(np.mean(cross_val_score(clf, features, y_pred, cv=cv, scoring="accuracy")))
+
+
+def ensemble(preds, cv):
+    """The paper's ensemble: align every task's predictions ({seed: labels}) to the best-CV task's with the
+    Hungarian algorithm, then take the per-point majority vote. Returns (best seed, ensemble labels)."""
+    best = max(cv, key=cv.get)
+    return best, majority_vote([align_to(preds[s], preds[best]) for s in preds])
