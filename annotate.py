@@ -25,9 +25,10 @@ import csv
 import numpy as np
 from tqdm import tqdm
 
-import evaluate
-from utils import (DEMO, HumeError, check_rows, cluster_acc, l2_normalize, load_array, load_labels, log,
-                   atomic_write, json_save, make_parser, run_cli, warn)
+from metrics import cluster_acc, ensemble
+from model import find_tasks, task_predictions
+from utils import (DEMO, HumeError, atomic_write, check_rows, json_save, l2_normalize, load_array, load_labels, log,
+                   make_parser, run_cli, warn)
 
 MAX_POINTS = 5000  # larger clusters are represented by a fixed random sample of this many points (memory: m^2)
 
@@ -57,8 +58,8 @@ def build_parser():
 
 def ensemble_clusters(phi1, tasks_path):
     """evaluate.py's ensemble labeling of phi1: tasks aligned (Hungarian) to the best-CV task, majority vote."""
-    preds, cv, _ = evaluate.task_predictions(phi1, evaluate.find_tasks(tasks_path))
-    return evaluate.ensemble(preds, cv)[1]
+    preds, cv, _ = task_predictions(phi1, find_tasks(tasks_path))
+    return ensemble(preds, cv)[1]
 
 
 def allocate(sizes, budget):
@@ -206,14 +207,15 @@ def simulate(clusters, phi2, y, per_cluster, quiet=True):
 
 
 def load_points(args):
-    if args.phi1_path is None and args.phi2_path is None:
-        args.phi1_path, args.phi2_path = DEMO["phi1_test"], DEMO["phi2_test"]
-        args.gt_labels_path = args.gt_labels_path or DEMO["labels_test"]
-    elif args.phi1_path is None or args.phi2_path is None:
+    """phi1 and phi2 of the points (the demo's test split when neither path is given) and the labels' path."""
+    phi1_path, phi2_path, labels_path = args.phi1_path, args.phi2_path, args.gt_labels_path
+    if phi1_path is None and phi2_path is None:
+        phi1_path, phi2_path, labels_path = DEMO["phi1_test"], DEMO["phi2_test"], labels_path or DEMO["labels_test"]
+    elif phi1_path is None or phi2_path is None:
         raise HumeError("give both --phi1_path and --phi2_path (the same points), or neither for the bundled demo")
-    phi1, phi2 = load_array(args.phi1_path, "--phi1_path"), load_array(args.phi2_path, "--phi2_path")
+    phi1, phi2 = load_array(phi1_path, "--phi1_path"), load_array(phi2_path, "--phi2_path")
     check_rows([("--phi1_path", phi1), ("--phi2_path", phi2)])
-    return phi1, phi2
+    return phi1, phi2, labels_path
 
 
 def main(argv=None):
@@ -223,14 +225,14 @@ def main(argv=None):
     if len(modes) != 1:
         raise HumeError("give exactly one of --budget B (pick samples), --apply LABELS.csv (name the clusters) or "
                         f"--simulate (measure ACC against --gt_labels_path); got {' '.join(modes) or 'none'}")
-    phi1, phi2 = load_points(args)
-    if args.simulate and not args.gt_labels_path:
+    phi1, phi2, labels_path = load_points(args)
+    if args.simulate and not labels_path:
         raise HumeError("--simulate needs --gt_labels_path (the true labels play the human)")
     if args.budget is not None and not 1 <= args.budget <= len(phi1):
         raise HumeError(f"--budget must be between 1 and the number of points ({len(phi1)}), got {args.budget}")
     if args.simulate and min(args.per_cluster) < 1:
         raise HumeError(f"--per_cluster values must be >= 1, got {args.per_cluster}")
-    y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.simulate else None
+    y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if args.simulate else None
     clusters = ensemble_clusters(phi1, args.tasks_path)
     k = len(np.unique(clusters))
     if args.budget is not None:

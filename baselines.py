@@ -22,6 +22,7 @@ Without --phi_path_val the setting is transductive (fit and score on the same po
 training accuracy). With it, kmeans predicts the nearest centre and sinkhorn/probe the classifier's argmax on the
 evaluation points. Reports ACC (Hungarian), ARI and NMI like evaluate.py; --json writes them too.
 """
+import argparse
 import time
 import warnings
 
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import DEMO, HumeError, all_metrics, json_save, load_array, load_labels, log, make_parser, run_cli, warn
+from metrics import all_metrics
+from utils import DEMO, HumeError, json_save, load_array, load_labels, log, make_parser, run_cli, warn
 
 
 def build_parser():
@@ -122,12 +124,18 @@ def sinkhorn(phi, phi_val, k, seed, lam=25.0, rounds=40, epochs=2, lr=0.01, weig
 
 # ---------------------------------------------------------------- the script
 
+def with_demo(args):
+    """The flags with the bundled demo's paths filled in when no path flag was given (a new namespace)."""
+    if args.phi_path is not None:
+        return args
+    if args.phi_path_val or args.gt_labels_path or args.gt_labels_path_train:
+        raise HumeError("give --phi_path with the other path flags, or no path flag to run the bundled demo")
+    return argparse.Namespace(**{**vars(args), "phi_path": DEMO[f"{args.space}_train"],
+                                 "phi_path_val": DEMO[f"{args.space}_test"], "gt_labels_path": DEMO["labels_test"],
+                                 "gt_labels_path_train": DEMO["labels_train"]})
+
+
 def check_args(args):
-    if args.phi_path is None:
-        if args.phi_path_val or args.gt_labels_path or args.gt_labels_path_train:
-            raise HumeError("give --phi_path with the other path flags, or no path flag to run the bundled demo")
-        args.phi_path, args.phi_path_val = DEMO[f"{args.space}_train"], DEMO[f"{args.space}_test"]
-        args.gt_labels_path, args.gt_labels_path_train = DEMO["labels_test"], DEMO["labels_train"]
     if args.gt_labels_path is None:
         raise HumeError("--gt_labels_path is missing: baselines only report metrics, give the evaluation labels")
     if args.method == "probe" and args.phi_path_val and not args.gt_labels_path_train:
@@ -172,7 +180,7 @@ def run(args, phi, phi_val, y):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = with_demo(build_parser().parse_args(argv))
     check_args(args)
     phi, phi_val, y, y_val = load_data(args)
     setting = "inductive" if args.phi_path_val else "transductive"

@@ -18,13 +18,14 @@ import resource
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import distributed
-import hume
+import hypergrad
+from inputs import Rows
+from model import init_inner, make_task_encoder, sample_subsets
 from utils import DEMO, make_parser
 
 SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
@@ -54,7 +55,7 @@ def worker(job):
     torch.manual_seed(0)
     world, comm = None, []
     if distributed.launched():
-        world = distributed.init(SimpleNamespace(num_subsets=job["S"], device=job["device"], quiet=True))
+        world = distributed.init(job["S"], job["device"])
         all_reduce = distributed.all_reduce
 
         def timed_all_reduce(*a):  # the communication share of an outer iteration (incl. waiting for the slowest)
@@ -65,16 +66,15 @@ def worker(job):
         distributed.all_reduce = timed_all_reduce
     dev = torch.device(job["device"] if not world or job["device"] == "cpu" else f"cuda:{world.rank}")
     phi1, phi2 = make_data(job["scale"], job["n"])
-    phi1, phi2 = torch.from_numpy(phi1).to(dev), torch.from_numpy(phi2).to(dev)
-    phi2a = torch.cat([phi2, torch.ones(len(phi2), 1, device=dev)], 1)
     n, d1 = phi1.shape
+    d2 = phi2.shape[1]
+    phi1, phi2 = Rows(phi1, dev), Rows(phi2, dev, ones=True)
     m = min(job["subset_size"], n)
     m_tr = int(job["train_fraction"] * m)
     S, T, k = job["S"], job["T"], job["k"]
-    encoder = hume.make_task_encoder(d1, k).to(dev)
+    encoder = make_task_encoder(d1, k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    args = SimpleNamespace(hypergrad="unrolled" if job["method"] == "unrolled" else "adjoint",
-                           first_order=job["method"] == "first_order", inner_lr=1e-3, adaptation_steps=T, H_reg=10.0)
+    obj = hypergrad.Objective((1e-3,), T, 10.0, job["method"])
     gen = torch.Generator().manual_seed(0)
     base = rss_mib()
     if dev.type == "cuda":
@@ -84,10 +84,10 @@ def worker(job):
         base = torch.cuda.memory_allocated() / 2**20
     times = []
     for _ in range(job["warmup"] + job["iters"]):
-        idx = hume.sample_subsets(gen, n, S, m).to(dev)
-        w0 = hume.init_inner(gen, S, k, phi2.shape[1], phi2.dtype).to(dev)
+        idx = sample_subsets(gen, n, S, m).to(dev)
+        w0 = init_inner(gen, S, k, d2, torch.float32).to(dev)
         t0 = time.perf_counter()
-        loss, _, _ = hume.outer_step(encoder, opt, phi1, [phi2a], idx, m_tr, [w0], 0.1, args, world)
+        loss, _, _ = hypergrad.outer_step(encoder, opt, phi1, [phi2], hypergrad.Batch(idx, m_tr, [w0]), 0.1, obj, world)
         loss.item()  # waits for the device
         times.append(time.perf_counter() - t0)
     distributed.close(world)
@@ -98,7 +98,7 @@ def worker(job):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sec = float(np.median(times[job["warmup"]:]))
-    flops = 4 * 2 * m_tr * (phi2.shape[1] + 1) * k * S * T
+    flops = 4 * 2 * m_tr * (d2 + 1) * k * S * T
     share = float(np.median(comm[job["warmup"]:]) / sec) if comm else 0.0
     return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "n": n, "allreduce_share": share}
 

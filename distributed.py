@@ -24,26 +24,25 @@ def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(args):
-    """Join the process group (NCCL on GPUs, gloo on CPUs) and bind this rank's GPU. Returns the world."""
+def init(num_subsets, device):
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and bind this rank's GPU. Returns the world: rank, size
+    and the device this rank computes on."""
     import torch.distributed as dist
     missing = [v for v in ENV if v not in os.environ]
     if missing:
         raise HumeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; launch with "
                         "torchrun (see distributed.py), or unset WORLD_SIZE for a single process")
     size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    if size > args.num_subsets:
-        raise HumeError(f"{size} processes but --num_subsets {args.num_subsets}: every rank needs at least one "
+    if size > num_subsets:
+        raise HumeError(f"{size} processes but --num_subsets {num_subsets}: every rank needs at least one "
                         "subset; use fewer processes or more subsets")
-    cuda = args.device.startswith("cuda")
+    cuda = device.startswith("cuda")
     if cuda:
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
+        device = f"cuda:{local}"
     dist.init_process_group("nccl" if cuda else "gloo")
-    if rank != 0:
-        args.quiet = True
-    return SimpleNamespace(rank=rank, size=size, dist=dist)
+    return SimpleNamespace(rank=rank, size=size, dist=dist, device=device)
 
 
 def share(world, S):

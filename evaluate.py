@@ -9,16 +9,13 @@ Ensemble (the paper's headline number): every task is matched (Hungarian, task v
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
 import os
-import pickle
-import re
 
 import numpy as np
-import torch
 
-from utils import (DEMO, HumeError, align_to, all_metrics, ensure_dir, json_save, load_array, load_labels, log,
-                   majority_vote, make_parser, run_cli)
-
-TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
+import inner_lr
+from metrics import all_metrics, ensemble
+from model import find_tasks, task_predictions
+from utils import DEMO, ensure_dir, json_save, load_array, load_labels, load_results, log, make_parser, run_cli
 
 
 def build_parser():
@@ -32,77 +29,10 @@ def build_parser():
     return p
 
 
-def find_tasks(folder):
-    """{seed: (task path, results path)} for every task in folder; every task needs its results pickle."""
-    if not os.path.isdir(folder):
-        raise HumeError(f"--tasks_path {folder}: no such folder")
-    seeds = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
-    if not seeds:
-        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt files; run hume.py with --exp_path "
-                        f"{folder} first")
-    tasks = {}
-    for s in seeds:
-        res = os.path.join(folder, f"results_{s}.pickle")
-        if not os.path.isfile(res):
-            raise HumeError(f"--tasks_path {folder}: linear_task_{s}.pt has no results_{s}.pickle (its CV score); "
-                            "rerun that seed or remove the task")
-        tasks[s] = (os.path.join(folder, f"linear_task_{s}.pt"), res)
-    return tasks
-
-
-def load_task(path, d1):
-    """Task encoder weight W (k x d1) from a saved state_dict of orthogonal(nn.Linear(d1, k, bias=False))."""
-    from hume import make_task_encoder
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        k, d = state["parametrizations.weight.original"].shape
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise HumeError(f"{path}: not a HUME task file ({type(e).__name__}: {first})") from None
-    if d != d1:
-        raise HumeError(f"{path}: task encoder expects phi1 of dimension {d}, but --phi1_path has {d1}; "
-                        "evaluate with the phi1 space the tasks were trained in")
-    encoder = make_task_encoder(d1, k)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise HumeError(f"{path}: does not load into orthogonal(nn.Linear({d1}, {k})): {str(e).splitlines()[0]}") \
-            from None
-    return encoder.weight.detach()
-
-
-def load_cv_score(path):
-    try:
-        with open(path, "rb") as f:
-            return float(pickle.load(f)["CV_Score"])
-    except Exception as e:
-        raise HumeError(f"{path}: cannot read its CV_Score ({type(e).__name__}: {e})") from None
-
-
-def ensemble(preds, cv):
-    """The paper's ensemble: align every task's predictions ({seed: labels}) to the best-CV task's with the
-    Hungarian algorithm, then take the per-point majority vote. Returns (best seed, ensemble labels)."""
-    best = max(cv, key=cv.get)
-    return best, majority_vote([align_to(preds[s], preds[best]) for s in preds])
-
-
 def untrained_inner(res_path):
-    """True when hume.py recorded that the task's inner classifier barely trained (inner CE lowered by less than
-    hypergrad.DROP_MIN at the first iteration): such a task was searched without signal. False for the paper's
-    pickles, which carry no diagnosis."""
-    from hypergrad import DROP_MIN
-    with open(res_path, "rb") as f:
-        first = (pickle.load(f).get("inner_fit") or {}).get("first")
-    return bool(first) and first["ce_drop"] < DROP_MIN
-
-
-def task_predictions(phi1, tasks):
-    """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks."""
-    phi1 = torch.from_numpy(phi1)
-    W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
-    preds = {s: (phi1 @ W[s].T).argmax(1).numpy() for s in tasks}
-    cv = {s: load_cv_score(res_path) for s, (_, res_path) in tasks.items()}
-    return preds, cv, max(w.shape[0] for w in W.values())
+    """True when hume.py recorded that the task's inner classifier barely trained at the first iteration: such a
+    task was searched without signal. False for the paper's pickles, which carry no diagnosis."""
+    return inner_lr.untrained((load_results(res_path).get("inner_fit") or {}).get("first"))
 
 
 def evaluate(phi1, tasks, y_true=None):
@@ -144,13 +74,13 @@ def report(out, quiet):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.phi1_path is None:
-        args.phi1_path = DEMO["phi1_test"]
-        args.gt_labels_path = args.gt_labels_path or DEMO["labels_test"]
+    phi1_path, labels_path = args.phi1_path, args.gt_labels_path
+    if phi1_path is None:  # the bundled demo's test split
+        phi1_path, labels_path = DEMO["phi1_test"], labels_path or DEMO["labels_test"]
     if args.json and os.path.dirname(args.json):
         ensure_dir(os.path.dirname(args.json), "--json")
-    phi1 = load_array(args.phi1_path, "--phi1_path")
-    y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
+    phi1 = load_array(phi1_path, "--phi1_path")
+    y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if labels_path else None
     out = evaluate(phi1, find_tasks(args.tasks_path), y)
     report(out, args.quiet)
     if args.json:

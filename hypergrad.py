@@ -15,20 +15,21 @@ Three ways to differentiate it w.r.t. W (all give ordinary autograd tensors back
   kept as the reference for tests and bench.py).
 - "first_order": the inner loop's dependence on the labels is dropped (TURTLE-style); the gradient flows only
   through the labels in the outer loss.
+One outer iteration (outer_step) averages the losses over subsets and phi2 spaces, clips the gradient to norm 1.0
+and takes one Adam step.
 """
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from sparsemax import sparsemax
+import distributed
+
+from model import labels
 
 SHARED_RATIO = 2.0  # use the shared (wide-GEMM) layout when the union of subsets has <= 2 x m_tr rows
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this
-
-
-def labels(phi1, W, tau):
-    """Eq. 2: the task encoder's labeling, row-wise sparsemax of phi1 W^T / tau."""
-    return sparsemax(phi1 @ W.T / tau)
 
 
 def entropy(p, eps=1e-8):
@@ -221,70 +222,60 @@ def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="a
     return ce - H_reg * entropy(mean_label), fit
 
 
-# ---------------------------------------------------------------- inner step size
+# ---------------------------------------------------------------- one outer iteration
 
-EXACT_MAX_DIM = 512  # up to this d2, form the (d2+1)^2 second moment and use an exact eigen-solver
-MAX_ROWS = 200_000  # second moment estimated from at most this many rows (seeded sample): ~1% accurate
-
-
-def lambda_max(phi2, seed=0, scale=1.0):
-    """Largest eigenvalue of the second moment of [phi2, 1] (the ones column is the inner bias).
-
-    Gradient descent on the inner soft-label CE is stable up to a step of about 4 / lambda_max (the softmax
-    Jacobian's eigenvalues are at most 1/2); --inner_lr auto uses 1 / lambda_max. For small d2 an exact
-    eigen-solver on the second moment; otherwise Lanczos iterations (scipy eigsh) on products with the data.
-    scale multiplies phi2 (not the ones column) first.
-    """
-    import numpy as np
-    from scipy.sparse.linalg import LinearOperator, eigsh
-    n, d = phi2.shape
-    rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
-    X = np.asarray(phi2[rows], dtype=np.float64) * scale
-    m = len(X)
-    if d + 1 <= EXACT_MAX_DIM:
-        Xa = np.hstack([X, np.ones((m, 1))])
-        return float(np.linalg.eigvalsh(Xa.T @ Xa / m)[-1])
-    colsum = X.sum(0)
-
-    def matvec(v):  # [X, 1]^T [X, 1] v / m without forming [X, 1]
-        v = np.ravel(v)
-        u = X @ v[:d] + v[d]
-        return np.append(X.T @ u, u.sum()) / m
-
-    op = LinearOperator((d + 1, d + 1), matvec=matvec, dtype=np.float64)
-    v0 = np.append(colsum, m) / m  # the mean direction: usually close to the top eigenvector of a second moment
-    return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-10)[0][0])
+class Objective(NamedTuple):
+    """The outer loss beside the data and tau: the inner loop (one step size per phi2 space, the number of steps,
+    how it is differentiated) and the weight of the balance term."""
+    inner_lrs: tuple
+    steps: int
+    H_reg: float
+    method: str = "adjoint"
 
 
-def auto_inner_step(phi2, seed=0):
-    """--inner_lr auto: rescale phi2 to RMS row norm sqrt(d2), then step 1/lambda_max of [phi2 * scale, 1].
-
-    The rescaling makes the inner problem the same whatever the embedding's scale: features then have unit second
-    moment per coordinate on average, the scale nn.Linear's init (which the inner classifier uses) is made for, and
-    the bias's ones column no longer dominates lambda_max (with features of norm 0.01 it would, and the weights
-    would barely move). Returns (scale, inner_lr, lambda_max of the rescaled data)."""
-    import numpy as np
-    n, d = phi2.shape
-    rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
-    mean_sq = float(np.mean(np.sum(np.asarray(phi2[rows], dtype=np.float64) ** 2, axis=1)))
-    scale = float(np.sqrt(d / mean_sq))
-    lam = lambda_max(phi2, seed, scale)
-    return scale, 1.0 / lam, lam
+class Batch(NamedTuple):
+    """What one outer iteration draws: the subsets (S, m) of point indices, the first m_tr of each row being X_tr,
+    and one inner init w0 (S, k, d2+1) per phi2 space."""
+    idx: torch.Tensor
+    m_tr: int
+    w0s: list
 
 
-DROP_MIN = 0.1  # inner CE lowered by less than 10% over the inner loop at the first iteration: not training
-LR_LAM_MIN, LR_LAM_MAX = 0.01, 4.0  # inner_lr x lambda_max outside this range: far too small / divergent
+def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
+    """Outer loss over the batch's subsets, averaged over subsets and phi2 spaces; its gradient is accumulated into
+    the encoder's .grad. phi1, phi2s: inputs.Rows (phi2 with its ones column). The orthogonal parametrisation is
+    evaluated and back-propagated once, however many subsets. total_subsets: the S the mean is over (the batch may
+    be a share of it). Returns the loss and the inner fit (S, 3)."""
+    W = encoder.weight
+    W_leaf = W.detach().requires_grad_(True)
+    S = total_subsets or batch.idx.shape[0]
+    rows, inv = torch.unique(batch.idx, return_inverse=True)  # labels and features of each point are read once
+    phi1_r = phi1.take(rows)
+    chunks = [slice(s, s + 1) for s in range(batch.idx.shape[0])] if obj.method == "unrolled" else [slice(None)]
+    total, fits, weight = 0.0, [], 1.0 / (S * len(phi2s))
+    for phi2, w0, lr in zip(phi2s, batch.w0s, obj.inner_lrs, strict=True):
+        phi2_r = phi2.take(rows)
+        for c in chunks:  # the unrolled reference frees each subset's graph before building the next
+            losses, fit = outer_losses(phi1_r, phi2_r, W_leaf, tau, inv[c], batch.m_tr, w0[c], lr, obj.steps,
+                                       obj.H_reg, obj.method)
+            (losses.sum() * weight).backward()
+            total, fits = total + losses.detach().sum() * weight, fits + [fit]
+    W.backward(W_leaf.grad)
+    return total, torch.cat(fits)
 
 
-def diagnose(fit, lr, lam):
-    """One warning line when the inner classifier does not train (fit: hume.fit_summary), else None."""
-    rate = lr * lam
-    if rate > LR_LAM_MAX:
-        why = f"inner_lr x lambda_max = {rate:.3g} > {LR_LAM_MAX:g}: inner gradient descent diverges"
-    elif fit["ce_drop"] < DROP_MIN or rate < LR_LAM_MIN:
-        why = (f"the inner loop lowered its training loss by only {fit['ce_drop']:.1%} (train agreement "
-               f"{fit['train_agreement']:.1%}; inner_lr x lambda_max = {rate:.3g}): the inner classifier barely "
-               "trains, so the search has no signal")
-    else:
-        return None
-    return f"{why}. Use --inner_lr auto (here {1 / lam:.4g}) or a step near it."
+def outer_step(encoder, opt, phi1, phi2s, batch, tau, obj, world=None):
+    """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step.
+    Under torchrun each rank does its share of the subsets and one all-reduce sums the gradients.
+    Returns the loss, the inner fit and the gradient norm before clipping (tensors: no host sync here)."""
+    opt.zero_grad(set_to_none=True)
+    S = batch.idx.shape[0]
+    mine = distributed.share(world, S) if world else slice(None)
+    share = Batch(batch.idx[mine], batch.m_tr, [w[mine] for w in batch.w0s])
+    loss, fit = hypergradient(encoder, phi1, phi2s, share, tau, obj, S)
+    if world:
+        loss, fit = distributed.all_reduce(world, encoder, loss, fit)
+    gnorm = nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    if torch.isfinite(gnorm):
+        opt.step()
+    return loss, fit, gnorm

@@ -1,131 +1,101 @@
-"""HUME's inputs: checking the flags, loading and cross-checking the arrays, and gathering rows for a step.
+"""HUME's inputs: loading and cross-checking the arrays of a run, and reading rows of them for an outer step.
 
 Arrays are loaded into memory (float32, on the device) or, with --mmap, left memory-mapped on disk: then only the
-rows of the current outer iteration's subsets are read, so phi arrays larger than RAM work.
+rows of the current outer iteration's subsets are read, so phi arrays larger than RAM work. Either way the loop
+reads them through one type, Rows.
 """
-import argparse
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from utils import DEMO, HumeError, check_rows, load_array, load_labels, warn
+from utils import HumeError, check_rows, load_array, load_labels, warn
 
 
-def inner_lr_type(text):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+class Rows:
+    """Rows of one phi array as float32 tensors on a device, prepared on the way (L2-normalised, scaled, a ones
+    column for the inner bias): held prepared in memory, or memory-mapped and prepared as rows are read."""
+
+    def __init__(self, arr, device, normalize=False, scale=1.0, ones=False):
+        """arr: a numpy array (made float32), a np.memmap (read on demand) or a tensor (its dtype kept)."""
+        self.device, self.normalize, self.scale, self.ones = torch.device(device), normalize, scale, ones
+        self.mapped = isinstance(arr, np.memmap)
+        if not self.mapped and not torch.is_tensor(arr):
+            arr = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        self.data = arr if self.mapped else self._prepare(arr)
+
+    def _prepare(self, x):
+        x = x.to(self.device)
+        if self.normalize:
+            x = torch.nn.functional.normalize(x, dim=1)
+        if self.scale != 1.0:  # --inner_lr auto: phi2 at RMS row norm sqrt(d2)
+            x = x * self.scale
+        if self.ones:  # the inner classifier's bias as a ones column
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+        return x
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def take(self, rows):
+        """The given rows (a sorted LongTensor) as a tensor on the device."""
+        if not self.mapped:
+            return self.data[rows.to(self.device)]
+        x = np.asarray(self.data[rows.cpu().numpy()], dtype=np.float32)  # sorted rows: sequential disk reads
+        return self._prepare(torch.from_numpy(x))
+
+    def range(self, start, stop):
+        """Rows start..stop-1 (stop capped at the length)."""
+        stop = min(stop, len(self))
+        return self._prepare(torch.from_numpy(np.asarray(self.data[start:stop], dtype=np.float32))) \
+            if self.mapped else self.data[start:stop]
 
 
-def check_args(args):
-    """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
-    positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
-    if args.inner_lr != "auto":
-        positive["--inner_lr"] = args.inner_lr
-    for flag, v in positive.items():
-        if not v > 0:
-            raise HumeError(f"{flag} must be > 0, got {v}")
-    at_least = {"--num_iters": (args.num_iters, 0), "--adaptation_steps": (args.adaptation_steps, 1),
-                "--num_subsets": (args.num_subsets, 1), "--subset_size": (args.subset_size, 2),
-                "--eval_every": (args.eval_every, 1), "--ckpt_every": (args.ckpt_every, 1), "--k": (args.k, 2)}
-    for flag, (v, lo) in at_least.items():
-        if v < lo:
-            raise HumeError(f"{flag} must be >= {lo}, got {v}")
-    if not 0 < args.train_fraction < 1:
-        raise HumeError(f"--train_fraction must be between 0 and 1 (exclusive), got {args.train_fraction}")
-    if args.H_reg < 0:
-        raise HumeError(f"--H_reg must be >= 0, got {args.H_reg}")
-    if (args.phi1_path_val is None) != (args.phi2_path_val is None):
-        raise HumeError("give both --phi1_path_val and --phi2_path_val (inductive) or neither (transductive)")
-    if (args.phi1_path is None) != (args.phi2_path is None):
-        raise HumeError("give both --phi1_path and --phi2_path, or neither to run the bundled demo")
-    if args.phi2_path and args.phi2_path_val and len(args.phi2_path) != len(args.phi2_path_val):
-        raise HumeError(f"{len(args.phi2_path)} --phi2_path files but {len(args.phi2_path_val)} --phi2_path_val "
-                        "files; give one evaluation file per phi2 space, in the same order")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HumeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+class Data(NamedTuple):
+    """The arrays of one run: phi2 and phi2_val hold one array per phi2 space; the evaluation arrays are the training
+    arrays themselves when the run is transductive; y_val is None without --gt_labels_path."""
+    phi1: np.ndarray
+    phi2: list
+    phi1_val: np.ndarray
+    phi2_val: list
+    y_val: object
 
 
-def load_data(args):
-    """The arrays of one run, checked against each other: phi1, phi2 (a list, one per space), phi1_val,
-    phi2_val, y_val. Evaluation = training points when no *_val paths are given (transductive)."""
-    if args.phi1_path is None and args.phi1_path_val is None and args.gt_labels_path is None:
-        args.phi1_path, args.phi2_path = DEMO["phi1_train"], [DEMO["phi2_train"]]
-        args.phi1_path_val, args.phi2_path_val = DEMO["phi1_test"], [DEMO["phi2_test"]]
-        args.gt_labels_path = DEMO["labels_test"]
-    load = lambda path, flag: load_array(path, flag, mmap=args.mmap)
-    d = {"phi1": load(args.phi1_path, "--phi1_path"), "phi2": [load(p, "--phi2_path") for p in args.phi2_path]}
-    check_rows([("--phi1_path", d["phi1"])] + [(f"--phi2_path {p}", a) for p, a in zip(args.phi2_path, d["phi2"])])
-    if args.phi1_path_val:
-        d["phi1_val"] = load(args.phi1_path_val, "--phi1_path_val")
-        d["phi2_val"] = [load(p, "--phi2_path_val") for p in args.phi2_path_val]
-        check_rows([("--phi1_path_val", d["phi1_val"])] +
-                   [(f"--phi2_path_val {p}", a) for p, a in zip(args.phi2_path_val, d["phi2_val"])])
-        for train, val, flag in [(d["phi1"], d["phi1_val"], "--phi1_path_val")] + \
-                [(a, b, f"--phi2_path_val {p}") for a, b, p in zip(d["phi2"], d["phi2_val"], args.phi2_path_val)]:
+def load_data(cfg):
+    """The arrays named by the Settings cfg, checked against each other and against k and the subset size."""
+    load = lambda path, flag: load_array(path, flag, mmap=cfg.mmap)
+    phi1, phi2 = load(cfg.phi1_path, "--phi1_path"), [load(p, "--phi2_path") for p in cfg.phi2_path]
+    check_rows([("--phi1_path", phi1)] + [(f"--phi2_path {p}", a) for p, a in zip(cfg.phi2_path, phi2)])
+    phi1_val, phi2_val = phi1, phi2
+    if cfg.inductive:
+        phi1_val = load(cfg.phi1_path_val, "--phi1_path_val")
+        phi2_val = [load(p, "--phi2_path_val") for p in cfg.phi2_path_val]
+        check_rows([("--phi1_path_val", phi1_val)] +
+                   [(f"--phi2_path_val {p}", a) for p, a in zip(cfg.phi2_path_val, phi2_val)])
+        for train, val, flag in [(phi1, phi1_val, "--phi1_path_val")] + \
+                [(a, b, f"--phi2_path_val {p}") for a, b, p in zip(phi2, phi2_val, cfg.phi2_path_val)]:
             if train.shape[1] != val.shape[1]:
                 raise HumeError(f"{flag} has dimension {val.shape[1]} but its training array has {train.shape[1]}; "
                                 "both must come from the same representation")
-    else:
-        d["phi1_val"], d["phi2_val"] = d["phi1"], d["phi2"]
-    n_val = d["phi1_val"].shape[0]
-    d["y_val"] = load_labels(args.gt_labels_path, "--gt_labels_path", n_val) if args.gt_labels_path else None
-    n, d1 = d["phi1"].shape
-    if args.k > n:
-        raise HumeError(f"--k {args.k} is larger than the number of training points ({n})")
-    if args.k > d1:
-        raise HumeError(f"--k {args.k} is larger than phi1's dimension ({d1}): a task encoder's k rows cannot be "
+    y_val = load_labels(cfg.gt_labels_path, "--gt_labels_path", len(phi1_val)) if cfg.gt_labels_path else None
+    n, d1 = phi1.shape
+    if cfg.k > n:
+        raise HumeError(f"--k {cfg.k} is larger than the number of training points ({n})")
+    if cfg.k > d1:
+        raise HumeError(f"--k {cfg.k} is larger than phi1's dimension ({d1}): a task encoder's k rows cannot be "
                         "orthonormal; use a richer phi1 or a smaller --k")
-    m = min(args.subset_size, n)
-    if not 1 <= int(args.train_fraction * m) < m:
-        raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
+    m = min(cfg.subset_size, n)
+    if not 1 <= int(cfg.train_fraction * m) < m:
+        raise HumeError(f"--train_fraction {cfg.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
-    lo, hi = row_norm_range(d["phi1"])
-    if not args.normalize and max(abs(lo - 1), abs(hi - 1)) > 1e-3:
+    lo, hi = row_norm_range(phi1)
+    if not cfg.normalize and max(abs(lo - 1), abs(hi - 1)) > 1e-3:
         warn(f"--phi1_path rows are not unit norm (norms {lo:.3g} to {hi:.3g}); HUME's phi1 is L2-normalised: "
              "pass --normalize to do it here")
-    return d
+    return Data(phi1, phi2, phi1_val, phi2_val, y_val)
 
 
 def row_norm_range(x, chunk=1 << 16):
     norms = np.concatenate([np.linalg.norm(np.asarray(x[i:i + chunk], dtype=np.float32), axis=1)
                             for i in range(0, x.shape[0], chunk)])
     return float(norms.min()), float(norms.max())
-
-
-def source(arr, dev, normalize=False, ones=False, scale=1.0):
-    """What gather() reads rows from: in memory, a prepared tensor on the device; with --mmap, the array itself
-    (rows are prepared as they are read)."""
-    if isinstance(arr, np.memmap):
-        return {"mmap": arr, "normalize": normalize, "ones": ones, "scale": scale, "dev": dev}
-    return prepare(torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(dev), normalize, ones, scale)
-
-
-def prepare(x, normalize, ones, scale=1.0):
-    if normalize:
-        x = torch.nn.functional.normalize(x, dim=1)
-    if scale != 1.0:  # --inner_lr auto: phi2 at RMS row norm sqrt(d2)
-        x = x * scale
-    if ones:  # the inner classifier's bias as a ones column
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-    return x
-
-
-def gather(src, rows):
-    """Rows (sorted, a LongTensor) of a source, as a float32 tensor on its device."""
-    if torch.is_tensor(src):
-        return src[rows.to(src.device)]
-    x = np.asarray(src["mmap"][rows.cpu().numpy()], dtype=np.float32)  # sorted rows: sequential disk reads
-    return prepare(torch.from_numpy(x).to(src["dev"]), src["normalize"], src["ones"], src["scale"])
-
-
-def gather_range(src, start, stop):
-    n = src.shape[0] if torch.is_tensor(src) else src["mmap"].shape[0]
-    return gather(src, torch.arange(start, min(stop, n)))
-
-
-def num_rows(src):
-    return src.shape[0] if torch.is_tensor(src) else src["mmap"].shape[0]

@@ -14,17 +14,17 @@ then a majority vote. Bad inputs end with one line on stderr and exit code 2.
 """
 import json
 import os
-import pickle
 import re
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from evaluate import ensemble as evaluate_ensemble
-from evaluate import find_tasks, task_predictions
-from utils import (HumeError, align_to, all_metrics, atomic_write, cluster_acc, contingency, ensure_dir,
-                   load_array, load_labels, log, make_parser, run_cli)
+from metrics import align_to, all_metrics, cluster_acc, contingency
+from metrics import ensemble as vote_ensemble
+from model import find_tasks, task_predictions
+from utils import (HumeError, atomic_write, ensure_dir, load_array, load_labels, load_results, log, make_parser,
+                   run_cli)
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100
@@ -67,11 +67,7 @@ def read_metrics(folder):
 def recorded_paths(tasks):
     """(phi1 path, labels path) of the evaluation points as hume.py recorded them in its results pickles."""
     for seed, (_, res_path) in tasks.items():
-        try:
-            with open(res_path, "rb") as f:
-                rec = dict(pickle.load(f).get("args") or {})
-        except Exception as e:
-            raise HumeError(f"{res_path}: cannot be read ({type(e).__name__}: {e})") from None
+        rec = dict(load_results(res_path).get("args") or {})
         phi1 = rec.get("phi1_path_val") or rec.get("phi1_path")
         if phi1:
             return phi1, rec.get("gt_labels_path"), f"results_{seed}.pickle"
@@ -96,7 +92,7 @@ def evaluation_data(args, tasks):
 def ensemble(phi1, tasks):
     """Each task's predictions, CV scores, the best-CV seed, the ensemble vote and k (evaluate.py's recipe)."""
     preds, cv, k = task_predictions(phi1, tasks)
-    best, vote = evaluate_ensemble(preds, cv)
+    best, vote = vote_ensemble(preds, cv)
     return preds, cv, best, vote, k
 
 

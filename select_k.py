@@ -7,7 +7,7 @@ generalisation scores.
 
 Every flag this script does not know is passed to hume.py unchanged (paths, budgets, --device...); --k, --seed,
 --exp_path and --quiet are set here: the tasks of k go to {--out}/k{k}/. The score of a task is its CV_Score
-(10-fold CV accuracy of a logistic regression predicting the task's labels from phi2, SPEC §2).
+(10-fold CV accuracy of a logistic regression predicting the task's labels from phi2).
 
 The rule (--rule gain, the default): choose the k with the highest mean CV score minus 1/k. The raw CV score is
 biased toward small k: fewer classes are easier to predict, and merging two true classes costs nothing, so raw
@@ -21,14 +21,17 @@ k are often within their seed-to-seed spread (see std); ground truth, when given
 table (mean ACC), never used to choose.
 """
 import os
-import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 from tqdm import tqdm
 
-import hume
-from utils import HumeError, ensure_dir, json_save, log, make_parser, run_cli
+import config
+from utils import HumeError, ensure_dir, json_save, load_results, log, make_parser, run_cli
+
+HUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hume.py")
 
 RULES = {  # score of a k from its mean CV score: higher is better
     "gain": lambda cv, k: cv - 1 / k,
@@ -77,21 +80,28 @@ def hume_flags(extra):
         if a.split("=")[0] in SET_HERE:
             raise HumeError(f"{a.split('=')[0]} is set by select_k.py (use --k_range, --seeds, --out); "
                             "remove it from the flags passed to hume.py")
-    parser = hume.build_parser()
+    parser = config.build_parser("hume.py")
     parser.prog = "hume.py (flags passed on by select_k.py)"
-    hume.check_args(parser.parse_args(extra + ["--k", "2"]))
+    config.check_args(parser.parse_args(extra + ["--k", "2"]))
     return extra
 
 
 def run_grid(ks, seeds, extra, out, quiet):
-    """HUME for every (k, seed); returns {k: [results dict per seed]} read back from the results pickles."""
+    """HUME for every (k, seed), each a hume.py process; returns {k: [results dict per seed]} read back from the
+    results pickles. A run that fails stops the grid with its own error line."""
     results = {k: [] for k in ks}
     grid = [(k, s) for k in ks for s in seeds]
     for k, s in tqdm(grid, desc="select_k (k, seed)", disable=True if quiet else None):
         folder = os.path.join(out, f"k{k}")
-        hume.main(extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder, "--quiet"])
-        with open(os.path.join(folder, f"results_{s}.pickle"), "rb") as f:
-            results[k].append(pickle.load(f))
+        run = subprocess.run([sys.executable, HUME] + extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder,
+                                                               "--quiet"], capture_output=True, text=True)
+        for line in run.stderr.splitlines():  # hume.py's warnings (e.g. an inner loop that does not train)
+            if line.startswith("warning:"):
+                print(line, file=sys.stderr)
+        if run.returncode != 0:
+            last = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
+            raise HumeError(f"hume.py --k {k} --seed {s} failed: {last.removeprefix('error: ')}")
+        results[k].append(load_results(os.path.join(folder, f"results_{s}.pickle")))
     return results
 
 

@@ -1,11 +1,10 @@
 """The hypergradient: adjoint vs finite differences (float64), vs the unrolled autograd reference, first order."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-import hume
 import hypergrad
+import model
+from inputs import Rows
 
 
 def problem(n=40, d1=6, d2=5, k=3, dtype=torch.float64, seed=0, scale=3.0):
@@ -14,19 +13,19 @@ def problem(n=40, d1=6, d2=5, k=3, dtype=torch.float64, seed=0, scale=3.0):
     phi2 = torch.randn(n, d2, generator=g, dtype=dtype) * scale
     phi2a = torch.cat([phi2, torch.ones(n, 1, dtype=dtype)], 1)
     torch.manual_seed(seed)
-    encoder = hume.make_task_encoder(d1, k).to(dtype)
+    encoder = model.make_task_encoder(d1, k).to(dtype)
     return phi1, phi2a, encoder, g
 
 
 def settings(method="adjoint", inner_lr=0.1, steps=5, H_reg=1.0, first_order=False):
-    return SimpleNamespace(hypergrad=method, first_order=first_order, inner_lr=inner_lr, adaptation_steps=steps,
-                           H_reg=H_reg)
+    return hypergrad.Objective((inner_lr,), steps, H_reg, "first_order" if first_order else method)
 
 
-def grad_of(encoder, phi1, phi2a, idx, m_tr, w0, tau, args):
-    """hume.hypergradient on one phi2 space: the loss and the gradient w.r.t. the encoder's parameters."""
+def grad_of(encoder, phi1, phi2a, idx, m_tr, w0, tau, obj):
+    """hypergrad.hypergradient on one phi2 space: the loss and the gradient w.r.t. the encoder's parameters."""
     encoder.zero_grad(set_to_none=True)
-    loss, _ = hume.hypergradient(encoder, phi1, [phi2a], idx, m_tr, [w0], tau, args)
+    loss, _ = hypergrad.hypergradient(encoder, Rows(phi1, "cpu"), [Rows(phi2a, "cpu")],
+                                      hypergrad.Batch(idx, m_tr, [w0]), tau, obj)
     return loss, torch.cat([p.grad.flatten() for p in encoder.parameters()])
 
 
@@ -37,8 +36,8 @@ def loss_at(encoder, theta, phi1, phi2a, idx, m_tr, w0, tau, args):
         saved = param.clone()
         param.copy_(theta.view_as(param))
         W = encoder.weight
-        losses, _ = hypergrad.outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, args.inner_lr,
-                                           args.adaptation_steps, args.H_reg, args.hypergrad)
+        losses, _ = hypergrad.outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, args.inner_lrs[0], args.steps,
+                                           args.H_reg, args.method)
         param.copy_(saved)
     return losses.mean().item()
 
@@ -47,8 +46,8 @@ def loss_at(encoder, theta, phi1, phi2a, idx, m_tr, w0, tau, args):
 def test_hypergradient_matches_finite_differences(layout_n):
     phi1, phi2a, encoder, g = problem(n=layout_n)
     S, m, m_tr = 2, 30, 20
-    idx = hume.sample_subsets(g, layout_n, S, m)
-    w0 = hume.init_inner(g, S, 3, 5, torch.float64)
+    idx = model.sample_subsets(g, layout_n, S, m)
+    w0 = model.init_inner(g, S, 3, 5, torch.float64)
     a = (phi1, phi2a, idx, m_tr, w0, 0.3, settings())
     _, grad = grad_of(encoder, *a)
     theta = next(encoder.parameters()).detach().flatten()
@@ -84,8 +83,8 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
     S = 3
     m = min(m, n)
     m_tr = int(frac * m)
-    idx = hume.sample_subsets(g, n, S, m)
-    w0 = hume.init_inner(g, 1 if fixed else S, k, d2, dtype).expand(S, -1, -1)
+    idx = model.sample_subsets(g, n, S, m)
+    w0 = model.init_inner(g, 1 if fixed else S, k, d2, dtype).expand(S, -1, -1)
     common = (phi1, phi2a, idx, m_tr, w0, 0.2)
     loss_a, grad_a = grad_of(encoder, *common, settings("adjoint", inner_lr=0.5, steps=steps))
     loss_u, grad_u = grad_of(encoder, *common, settings("unrolled", inner_lr=0.5, steps=steps))
@@ -96,8 +95,8 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
 @pytest.mark.parametrize("layout", ["shared", "gathered"])
 def test_layouts_agree(layout):
     phi1, phi2a, encoder, g = problem(n=80)
-    idx = hume.sample_subsets(g, 80, 4, 60)
-    w0 = hume.init_inner(g, 4, 3, 5, torch.float64)
+    idx = model.sample_subsets(g, 80, 4, 60)
+    w0 = model.init_inner(g, 4, 3, 5, torch.float64)
     W = encoder.weight.detach().requires_grad_(True)
     out = {}
     for lay in ("shared", "gathered"):
@@ -111,12 +110,12 @@ def test_first_order_is_gradient_through_outer_labels_only():
     """Finite differences of the outer loss with the inner solution w_T held fixed at its value for theta."""
     phi1, phi2a, encoder, g = problem(n=40)
     S, m, m_tr, steps, lr, tau = 2, 30, 20, 5, 0.1, 0.3
-    idx = hume.sample_subsets(g, 40, S, m)
-    w0 = hume.init_inner(g, S, 3, 5, torch.float64)
+    idx = model.sample_subsets(g, 40, S, m)
+    w0 = model.init_inner(g, S, 3, 5, torch.float64)
     args = settings(first_order=True, inner_lr=lr, steps=steps)
     _, grad = grad_of(encoder, phi1, phi2a, idx, m_tr, w0, tau, args)
     with torch.no_grad():  # w_T for the current theta, computed independently with plain loops
-        Y = hypergrad.labels(phi1, encoder.weight, tau)
+        Y = model.labels(phi1, encoder.weight, tau)
         wT = []
         for s in range(S):
             X, Yt, w = phi2a[idx[s, :m_tr]], Y[idx[s, :m_tr]], w0[s]
@@ -129,7 +128,7 @@ def test_first_order_is_gradient_through_outer_labels_only():
         with torch.no_grad():
             saved = param.clone()
             param.copy_(theta.view_as(param))
-            Y = hypergrad.labels(phi1, encoder.weight, tau)
+            Y = model.labels(phi1, encoder.weight, tau)
             param.copy_(saved)
             total = 0.0
             for s in range(S):
@@ -151,8 +150,8 @@ def test_first_order_is_gradient_through_outer_labels_only():
 
 def test_inner_fit_reports_training_progress():
     phi1, phi2a, encoder, g = problem(n=100)
-    idx = hume.sample_subsets(g, 100, 2, 80)
-    w0 = hume.init_inner(g, 2, 3, 5, torch.float64)
+    idx = model.sample_subsets(g, 100, 2, 80)
+    w0 = model.init_inner(g, 2, 3, 5, torch.float64)
     W = encoder.weight.detach()
     _, fit_short = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 60, w0, 0.05, 1, 1.0, "adjoint")
     _, fit_long = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 60, w0, 0.05, 200, 1.0, "adjoint")
@@ -163,12 +162,13 @@ def test_inner_fit_reports_training_progress():
 
 def test_two_identical_spaces_give_the_single_space_gradient():
     phi1, phi2a, encoder, g = problem(n=60)
-    idx = hume.sample_subsets(g, 60, 3, 40)
-    w0 = hume.init_inner(g, 3, 3, 5, torch.float64)
+    idx = model.sample_subsets(g, 60, 3, 40)
+    w0 = model.init_inner(g, 3, 3, 5, torch.float64)
     args = settings()
     loss1, grad1 = grad_of(encoder, phi1, phi2a, idx, 30, w0, 0.3, args)
     encoder.zero_grad(set_to_none=True)
-    loss2, _ = hume.hypergradient(encoder, phi1, [phi2a, phi2a.clone()], idx, 30, [w0, w0], 0.3, args)
+    loss2, _ = hypergrad.hypergradient(encoder, Rows(phi1, "cpu"), [Rows(phi2a, "cpu"), Rows(phi2a.clone(), "cpu")],
+                                       hypergrad.Batch(idx, 30, [w0, w0]), 0.3, args._replace(inner_lrs=(0.1, 0.1)))
     grad2 = torch.cat([p.grad.flatten() for p in encoder.parameters()])
     assert torch.allclose(loss1, loss2, rtol=1e-12)
     assert torch.allclose(grad1, grad2, rtol=1e-10, atol=1e-14)

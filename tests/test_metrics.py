@@ -1,10 +1,8 @@
-"""utils' metrics, ensembling, cv_score, loading and atomic files against independent references:
-brute force over all matchings, pair counting, direct entropy sums, collections.Counter, a direct
-sklearn computation. Never against our own output."""
+"""metrics.py against independent references: brute force over all matchings, pair counting, direct entropy sums,
+collections.Counter, a direct sklearn computation. Never against our own output."""
 import collections
 import itertools
 import math
-import os
 import warnings
 
 import numpy as np
@@ -13,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.model_selection import KFold, cross_val_score
 
-import utils
+import metrics
 
 
 # ---------------------------------------------------------------- independent references
@@ -88,7 +86,7 @@ CASES = [  # (n, class ids, cluster ids)
 def test_contingency_counts_each_pair_like_a_loop_over_points(n, classes, clusters):
     rng = np.random.default_rng(n + len(classes))
     y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
-    C, pred_ids, true_ids = utils.contingency(y_pred, y_true)
+    C, pred_ids, true_ids = metrics.contingency(y_pred, y_true)
     assert pred_ids.tolist() == sorted(set(y_pred.tolist()))
     assert true_ids.tolist() == sorted(set(y_true.tolist()))
     pairs = collections.Counter(zip(y_pred.tolist(), y_true.tolist()))
@@ -102,17 +100,17 @@ def test_cluster_acc_equals_brute_force_over_all_matchings(n, classes, clusters)
     rng = np.random.default_rng(len(clusters) * 100 + n)
     for _ in range(20):
         y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
-        assert utils.cluster_acc(y_true, y_pred) == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
+        assert metrics.cluster_acc(y_true, y_pred) == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
 
 
 def test_cluster_acc_counts_extra_clusters_as_wrong_and_is_one_for_a_relabeling():
     y_true = np.array([0, 0, 0, 1, 1, 1])
     # splitting class 0 into two clusters: only one of them can be matched
-    assert utils.cluster_acc(y_true, np.array([0, 0, 2, 1, 1, 1])) == pytest.approx(5 / 6)
+    assert metrics.cluster_acc(y_true, np.array([0, 0, 2, 1, 1, 1])) == pytest.approx(5 / 6)
     # every point its own cluster: one point per class matched
-    assert utils.cluster_acc(y_true, np.arange(6)) == pytest.approx(2 / 6)
+    assert metrics.cluster_acc(y_true, np.arange(6)) == pytest.approx(2 / 6)
     # a pure relabeling with odd ids
-    assert utils.cluster_acc(y_true, np.array([-4, -4, -4, 9, 9, 9])) == 1.0
+    assert metrics.cluster_acc(y_true, np.array([-4, -4, -4, 9, 9, 9])) == 1.0
 
 
 @pytest.mark.parametrize("n,classes,clusters", CASES)
@@ -120,7 +118,7 @@ def test_all_metrics_ari_and_nmi_equal_sklearn_and_their_definitions(n, classes,
     rng = np.random.default_rng(7 * n + len(clusters))
     for _ in range(5):
         y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
-        m = utils.all_metrics(y_true, y_pred)
+        m = metrics.all_metrics(y_true, y_pred)
         assert set(m) == {"acc", "ari", "nmi"}
         assert m["acc"] == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
         assert m["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
@@ -138,10 +136,10 @@ def test_align_to_maps_a_permuted_copy_back_exactly(ids):
     for _ in range(10):
         perm = dict(zip(ids, rng.permutation(ids).tolist()))
         permuted = np.array([perm[v] for v in y.tolist()])
-        np.testing.assert_array_equal(utils.align_to(permuted, y), y)
+        np.testing.assert_array_equal(metrics.align_to(permuted, y), y)
         # also when the copy uses entirely different ids
         renamed = np.array([1000 + 3 * perm[v] for v in y.tolist()])
-        np.testing.assert_array_equal(utils.align_to(renamed, y), y)
+        np.testing.assert_array_equal(metrics.align_to(renamed, y), y)
 
 
 @pytest.mark.parametrize("n,classes,clusters", CASES)
@@ -149,7 +147,7 @@ def test_align_to_is_a_bijective_relabeling_with_the_best_agreement(n, classes, 
     rng = np.random.default_rng(3 * n + len(classes))
     for _ in range(10):
         y_ref, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
-        aligned = utils.align_to(y_pred, y_ref)
+        aligned = metrics.align_to(y_pred, y_ref)
         # a relabeling: same partition, one new label per old cluster
         pairs = set(zip(y_pred.tolist(), aligned.tolist()))
         assert len(pairs) == len(set(y_pred.tolist())) == len(set(aligned.tolist()))
@@ -171,9 +169,9 @@ def test_majority_vote_equals_counter_mode_with_ties_to_the_smallest_label():
             counts = collections.Counter(column.tolist())
             top = max(counts.values())
             expected.append(min(v for v, c in counts.items() if c == top))
-        np.testing.assert_array_equal(utils.majority_vote(labelings), expected)
+        np.testing.assert_array_equal(metrics.majority_vote(labelings), expected)
     # an explicit tie: 3 vs 3 -> the smaller label, also for negatives
-    np.testing.assert_array_equal(utils.majority_vote([[4], [-1], [4], [-1]]), [-1])
+    np.testing.assert_array_equal(metrics.majority_vote([[4], [-1], [4], [-1]]), [-1])
 
 
 def test_aligned_majority_vote_of_noisy_permuted_copies_recovers_the_labeling():
@@ -187,8 +185,8 @@ def test_aligned_majority_vote_of_noisy_permuted_copies_recovers_the_labeling():
         flip = rng.random(n) < 0.10
         noisy[flip] = rng.integers(0, k, flip.sum())
         copies.append(noisy)
-    aligned = [copies[0]] + [utils.align_to(c, copies[0]) for c in copies[1:]]
-    vote = utils.majority_vote(np.stack(aligned))
+    aligned = [copies[0]] + [metrics.align_to(c, copies[0]) for c in copies[1:]]
+    vote = metrics.majority_vote(np.stack(aligned))
     assert brute_force_acc(y, vote) >= 0.995
     assert brute_force_acc(y, copies[0]) < 0.95  # each copy alone is clearly worse
 
@@ -212,134 +210,29 @@ def direct_cv(features, y):
 def test_cv_score_is_one_for_labels_linear_in_well_separated_features():
     rng = np.random.default_rng(0)
     X, y = blobs(rng, 200, 3, 4, sep=20.0)
-    assert utils.cv_score(X, y) >= 0.99
+    assert metrics.cv_score(X, y) >= 0.99
     # a labeling that is a linear threshold of the features, with a margin
     X = rng.normal(size=(200, 3))
     X = X[np.abs(X @ [1.0, -2.0, 0.5]) > 0.5]
     y = (X @ [1.0, -2.0, 0.5] > 0).astype(int)
-    assert utils.cv_score(X, y) >= 0.99
+    assert metrics.cv_score(X, y) >= 0.99
 
 
 def test_cv_score_is_near_chance_for_random_labels():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, 4))
     y = rng.integers(0, 4, 200)
-    assert 0.10 <= utils.cv_score(X, y) <= 0.40  # chance is 0.25
+    assert 0.10 <= metrics.cv_score(X, y) <= 0.40  # chance is 0.25
 
 
 def test_cv_score_equals_a_direct_sklearn_computation():
     rng = np.random.default_rng(2)
     X, y = blobs(rng, 150, 3, 5, sep=1.0)  # overlapping: the score is strictly between chance and 1
-    got = utils.cv_score(X, y)
+    got = metrics.cv_score(X, y)
     assert 0.4 < got < 1.0
     assert got == pytest.approx(direct_cv(X, y), abs=1e-12)
 
 
 def test_cv_score_scores_a_constant_labeling_as_zero():
     X = np.random.default_rng(3).normal(size=(30, 2))
-    assert utils.cv_score(X, np.full(30, 4)) == 0.0
-
-
-# ---------------------------------------------------------------- load_array / load_labels
-
-def save(tmp_path, name, arr):
-    path = tmp_path / name
-    np.save(path, arr)
-    return str(path)
-
-
-def raises_naming(path, fn, *args, **kwargs):
-    with pytest.raises(utils.HumeError) as info:
-        fn(path, "--flag", *args, **kwargs)
-    assert path in str(info.value)
-    return str(info.value)
-
-
-def test_load_array_rejects_a_missing_file_naming_it(tmp_path):
-    raises_naming(str(tmp_path / "nope.npy"), utils.load_array)
-    raises_naming(str(tmp_path / "nope.npy"), utils.load_labels)
-
-
-def test_load_array_rejects_1d_integer_and_nonfinite_features_naming_the_file(tmp_path):
-    raises_naming(save(tmp_path, "flat.npy", np.zeros(5, np.float32)), utils.load_array)
-    raises_naming(save(tmp_path, "ints.npy", np.ones((4, 3), np.int64)), utils.load_array)
-    for bad in (np.nan, np.inf, -np.inf):
-        x = np.zeros((70000, 2), np.float64)  # bad value past the first 2^16-row chunk
-        x[66000, 1] = bad
-        msg = raises_naming(save(tmp_path, "bad.npy", x), utils.load_array)
-        assert "66000" in msg
-        raises_naming(save(tmp_path, "bad.npy", x), utils.load_array, mmap=True)
-    raises_naming(save(tmp_path, "empty.npy", np.zeros((0, 3), np.float32)), utils.load_array)
-    path = str(tmp_path / "junk.npy")
-    with open(path, "w") as f:
-        f.write("not a npy file")
-    raises_naming(path, utils.load_array)
-
-
-def test_load_array_accepts_valid_features(tmp_path):
-    x = np.random.default_rng(0).normal(size=(6, 3))
-    got = utils.load_array(save(tmp_path, "ok.npy", x), "--flag")
-    assert got.dtype == np.float32 and got.shape == (6, 3) and got.flags["C_CONTIGUOUS"]
-    np.testing.assert_array_equal(got, x.astype(np.float32))
-    got = utils.load_array(save(tmp_path, "ok.npy", x), "--flag", mmap=True)
-    np.testing.assert_array_equal(np.asarray(got), x)
-
-
-def test_load_labels_rejects_non_integer_floats_and_wrong_length_naming_the_file(tmp_path):
-    raises_naming(save(tmp_path, "float.npy", np.array([0.0, 1.5, 2.0])), utils.load_labels)
-    raises_naming(save(tmp_path, "nan.npy", np.array([0.0, np.nan])), utils.load_labels)
-    raises_naming(save(tmp_path, "feats.npy", np.zeros((4, 3))), utils.load_labels)
-    raises_naming(save(tmp_path, "strs.npy", np.array(["a", "b"])), utils.load_labels)
-    msg = raises_naming(save(tmp_path, "short.npy", np.arange(5)), utils.load_labels, n=6)
-    assert "5" in msg and "6" in msg
-
-
-def test_load_labels_accepts_valid_labels(tmp_path):
-    for arr in (np.array([3, -1, 3, 7], np.int32), np.array([3.0, -1.0, 3.0, 7.0]),
-                np.array([[3], [-1], [3], [7]]),
-                np.array([[3, -1, 3, 7]])):
-        got = utils.load_labels(save(tmp_path, "y.npy", arr), "--flag", n=4)
-        assert got.dtype == np.int64
-        assert got.tolist() == [3, -1, 3, 7]
-
-
-# ---------------------------------------------------------------- atomic_write
-
-def test_atomic_write_replaces_the_target_and_leaves_no_temp_file(tmp_path):
-    target = tmp_path / "out.txt"
-    target.write_text("old")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write("new")
-
-    utils.atomic_write(str(target), write)
-    assert target.read_text() == "new"
-    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
-
-
-@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
-def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path, exc):
-    target = tmp_path / "out.txt"
-    target.write_text("old")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise exc("boom")
-
-    with pytest.raises(exc):
-        utils.atomic_write(str(target), write)
-    assert target.read_text() == "old"
-    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
-
-    # no previous target: nothing is created at all, even if write_fn removed its temp file itself
-    fresh = tmp_path / "fresh.txt"
-
-    def write_and_remove(tmp):
-        os.remove(tmp)
-        raise exc("boom")
-
-    with pytest.raises(exc):
-        utils.atomic_write(str(fresh), write_and_remove)
-    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
+    assert metrics.cv_score(X, np.full(30, 4)) == 0.0
