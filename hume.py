@@ -11,6 +11,8 @@ human labeling. Labels are used only to report metrics.
 Writes to --exp_path: linear_task_{seed}.pt and results_{seed}.pickle (the paper's formats, see evaluate.py) and
 metrics_{seed}.jsonl (one JSON object per evaluation) and checkpoint_{seed}.pt (every --ckpt_every iterations;
 --resume continues from it). Bad inputs end with one line on stderr and exit code 2.
+Equation numbers in comments are those of the paper (arXiv 2311.02940v1, the NeurIPS 2023 version), as its public
+code cites them: Eq. 3 the task encoder, Eq. 5 the inner problem, Eq. 7 HUME's objective.
 """
 import dataclasses
 import json
@@ -42,7 +44,7 @@ def schedule(cfg, it):
 
 
 def train(cfg, data, steps, world=None):
-    """The outer loop (paper, Algorithm 1) from a fresh start or the checkpoint. steps: one inner_lr.Step per phi2
+    """The outer loop from a fresh start or the checkpoint. steps: one inner_lr.Step per phi2
     space. Returns the task encoder and the run's state (seconds, inner diagnosis)."""
     dev = torch.device(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32

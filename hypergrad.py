@@ -1,10 +1,10 @@
 """HUME's outer loss and its exact hypergradient (the math; hume.py is the loop).
 
-For each subset s (paper, Eq. 3-5): labels Y = sparsemax(phi1 W^T / tau); a linear classifier w = [V, c] on phi2
+For each subset s: labels Y (paper, Eq. 3) = sparsemax(phi1 W^T / tau); a linear classifier w = [V, c] on phi2
 (k x (d2+1), bias folded in as a ones column of phi2) is trained from w0 by T steps of gradient descent on the
-soft-label cross-entropy over X_tr:
+soft-label cross-entropy over X_tr (Eq. 5, a cold start):
     w_{t+1} = w_t - lr * X_tr^T (softmax(X_tr w_t^T) - Y_tr) / m_tr
-and the outer loss is  CE(w_T; X_te, Y_te) - H_reg * H(mean label of the subset).
+and the outer loss is  CE(w_T; X_te, Y_te) - H_reg * H(mean label of the subset)  (Eq. 7).
 
 Three ways to differentiate it w.r.t. W (all give ordinary autograd tensors back):
 - "adjoint" (default): all subsets batched; the inner loop keeps only its iterates w_t (T x S x k x (d2+1)), and the
@@ -202,7 +202,7 @@ def _one_subset(p, s):
 
 
 def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="adjoint", layout="auto"):
-    """Eq. 5 per subset: CE of the adapted inner classifier on X_te minus H_reg x entropy of the subset's mean
+    """Eq. 7 per subset: CE of the adapted inner classifier on X_te minus H_reg x entropy of the subset's mean
     label. Returns the losses (S,), differentiable w.r.t. W, and the inner fit diagnosis (S, 3)."""
     p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout)
     if method == "adjoint":

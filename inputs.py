@@ -47,7 +47,7 @@ class Rows:
     def range(self, start, stop):
         """Rows start..stop-1 (stop capped at the length)."""
         stop = min(stop, len(self))
-        return self._prepare(torch.from_numpy(np.asarray(self.data[start:stop], dtype=np.float32))) \
+        return self._prepare(torch.from_numpy(np.array(self.data[start:stop], dtype=np.float32))) \
             if self.mapped else self.data[start:stop]
 
 

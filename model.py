@@ -1,4 +1,4 @@
-"""The task encoder (paper, Eq. 2-3): building it, its labels, its predictions, and the task folders it is saved in.
+"""The task encoder (paper, Eq. 3): building it, its labels, its predictions, and the task folders it is saved in.
 
 A task is a linear map W (k x d1) with orthonormal rows in space phi1. Training labels are sparsemax(phi1 W^T / tau);
 a point's predicted class is argmax(phi1 W^T). Saved as the state_dict of
@@ -24,7 +24,7 @@ def make_task_encoder(d1, k):
 
 
 def labels(phi1, W, tau):
-    """Eq. 2: the task encoder's labeling, row-wise sparsemax of phi1 W^T / tau."""
+    """Eq. 3: the task encoder's labeling, row-wise sparsemax of phi1 W^T / tau."""
     return sparsemax(phi1 @ W.T / tau)
 
 

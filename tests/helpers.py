@@ -1,17 +1,13 @@
 """Small shared test fixtures: a tiny synthetic HUME problem written as .npy files, the paper's task-file format
-built by hand with plain torch, an independent clustering accuracy, and a way to run the scripts as real
-subprocesses (several at once, since each one pays for `import torch`).
-
-Nothing here imports the project's modules: the tests that use it check the scripts from the outside.
+built by hand with plain torch, an independent clustering accuracy, and ways to run the scripts (in process through
+their main(argv), or as real subprocesses).
 """
 import collections
 import itertools
-import json
 import os
 import pickle
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -118,6 +114,8 @@ def brute_force_acc(y_true, y_pred):
 
 
 # ---------------------------------------------------------------- running the scripts
+# In process (cli, run_chain_in_process: main(argv) as the script's __main__ runs it) for tables of cases, and as real
+# `python script ...` processes (run_script, run_chain) where the process boundary is the point.
 
 def cli(main, argv):
     """Run a script's main(argv) in this process exactly as its `__main__` does (utils.run_cli): returns
@@ -134,23 +132,15 @@ def cli(main, argv):
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return code, out.getvalue(), err.getvalue()
 
-# Two ways, same result object (returncode, stdout, stderr, args):
-# - "exec": `sys.executable script args...` from the repo root, one fresh interpreter per run;
-# - "fork": one server process (`sys.executable tests/helpers.py --serve`) imports torch/numpy/scipy/sklearn once
-#   and forks a child per run; the child points fds 1 and 2 at its own files, sets sys.argv and sys.path[0] as the
-#   interpreter would, and runs the script with runpy as __main__ (the project's modules are imported fresh in
-#   every child). An uncaught exception prints its traceback and exits 1, as the interpreter does. This saves the
-#   `import torch` (3-4 CPU-seconds) of every run; set HUME_TEST_EXEC=1 to run everything the "exec" way.
-PREIMPORT = ("torch", "numpy", "scipy.optimize", "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection",
-             "sklearn.exceptions", "tqdm")
+
 STEP_TIMEOUT = 300  # seconds, per script run
 
 
 class Result:
-    """A finished run: args (the command line), returncode, stdout, stderr, cpu (seconds; forked runs only)."""
+    """A finished run: args (the command line), returncode, stdout, stderr."""
 
-    def __init__(self, args, returncode, stdout, stderr, cpu=None):
-        self.args, self.returncode, self.stdout, self.stderr, self.cpu = args, returncode, stdout, stderr, cpu
+    def __init__(self, args, returncode, stdout, stderr):
+        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
 
 
 def child_env():
@@ -173,6 +163,19 @@ def run_script(script, args, timeout=STEP_TIMEOUT):
     return Result(p.args, p.returncode, p.stdout, p.stderr)
 
 
+def run_chain_in_process(steps):
+    """steps: [(script, args), ...] run one after the other through main(argv) in this process (helpers.cli);
+    stops after the first that fails. Same Result objects as run_chain."""
+    import importlib
+    procs = []
+    for script, args in steps:
+        code, out, err = cli(importlib.import_module(script.removesuffix(".py")).main, args)
+        procs.append(Result(command(script, args), code, out, err))
+        if code != 0:
+            break
+    return procs
+
+
 def run_chain(steps, timeout=STEP_TIMEOUT):
     """steps: [(script, args), ...] run one after the other; stops after the first that fails."""
     procs = []
@@ -183,119 +186,6 @@ def run_chain(steps, timeout=STEP_TIMEOUT):
     return procs
 
 
-def run_forked(jobs, timeout=1200):
-    """jobs: {key: [(script, args), ...]} (chains, see run_chain) run by one fork server; returns
-    {key: [Result, ...]}."""
-    if not jobs:
-        return {}
-    keys = list(jobs)
-    payload = json.dumps([[[script, [str(a) for a in args]] for script, args in jobs[key]] for key in keys])
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--serve"], input=payload, cwd=REPO,
-                       env=child_env(), capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"fork server failed (exit {p.returncode}):\n{p.stderr}")
-    results = json.loads(p.stdout)
-    return {key: [Result(command(script, args), **r) for (script, args), r in zip(jobs[key], res)]
-            for key, res in zip(keys, results)}
-
-
-def run_many(jobs, exec_keys=(), timeout=STEP_TIMEOUT, workers=None):
-    """jobs: {key: [(script, args), ...]} (chains, see run_chain), all run at the same time: the keys in
-    exec_keys the "exec" way (one thread each), the others by one fork server (all of them "exec" under
-    HUME_TEST_EXEC=1). Returns {key: [Result, ...]}."""
-    every = bool(os.environ.get("HUME_TEST_EXEC"))
-    execs = {k: v for k, v in jobs.items() if every or k in exec_keys}
-    forked = {k: v for k, v in jobs.items() if k not in execs}
-    workers = workers or max(2, min(len(execs) + 1, 2 * (os.cpu_count() or 1)))
-    with ThreadPoolExecutor(workers) as pool:
-        server = pool.submit(run_forked, forked)
-        futures = {key: pool.submit(run_chain, steps, timeout) for key, steps in execs.items()}
-        out = {key: f.result() for key, f in futures.items()}
-        out.update(server.result())
-    return out
-
-
 def describe(proc):
     """Everything a failing assertion should show about a finished run."""
     return f"\n$ {' '.join(proc.args)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-
-
-def _fork_run(script, args, out, err):
-    """In a forked child: behave like `python script args...` run from the repo root; never returns."""
-    import runpy
-    import signal
-    import traceback
-    code = 1
-    try:
-        signal.alarm(STEP_TIMEOUT)  # a run that hangs dies of SIGALRM (exit -14) instead of blocking the server
-        for fd, path in ((1, out), (2, err)):
-            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(f, fd)
-            os.close(f)
-        sys.stdin = open(os.devnull)
-        os.chdir(REPO)
-        path = os.path.join(REPO, script)
-        sys.argv = [path] + args
-        sys.path[0] = REPO
-        try:
-            runpy.run_path(path, run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            if e.code is None:
-                code = 0
-            elif isinstance(e.code, int):
-                code = e.code
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        except BaseException as e:  # as the interpreter prints it: from the script's own frame on
-            tb = e.__traceback__
-            while tb is not None and tb.tb_frame.f_code.co_filename != path:
-                tb = tb.tb_next
-            traceback.print_exception(type(e), e, tb or e.__traceback__)
-            code = 1
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def _serve():
-    """The fork server (see above): a JSON list of chains on stdin, a JSON list of their results on stdout.
-    Up to cpu_count runs at a time; a chain's next step is forked when its previous one succeeded."""
-    import importlib
-    import shutil
-    import tempfile
-    chains = json.loads(sys.stdin.read())
-    for name in PREIMPORT:
-        importlib.import_module(name)
-    tmp = tempfile.mkdtemp(prefix="hume_cli_")
-    limit = max(2, os.cpu_count() or 1)
-    results = [[] for _ in chains]
-    ready = [(i, 0) for i in range(len(chains)) if chains[i]]  # (chain, step) that may start now
-    running = {}
-    while ready or running:
-        while ready and len(running) < limit:
-            i, j = ready.pop(0)
-            script, args = chains[i][j]
-            out, err = os.path.join(tmp, f"{i}_{j}.out"), os.path.join(tmp, f"{i}_{j}.err")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _fork_run(script, args, out, err)
-            running[pid] = (i, j, out, err)
-        pid, status, usage = os.wait4(-1, 0)
-        i, j, out, err = running.pop(pid)
-        with open(out) as fo, open(err) as fe:
-            results[i].append({"returncode": os.waitstatus_to_exitcode(status), "stdout": fo.read(),
-                               "stderr": fe.read(), "cpu": usage.ru_utime + usage.ru_stime})
-        if results[i][-1]["returncode"] == 0 and j + 1 < len(chains[i]):
-            ready.insert(0, (i, j + 1))
-    shutil.rmtree(tmp)
-    sys.stdout.write(json.dumps(results))
-
-if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
-    _serve()

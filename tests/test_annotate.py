@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import annotate
-from helpers import describe, hungarian_acc, run_many, save_npy, write_paper_task
+from helpers import describe, hungarian_acc, run_chain_in_process, save_npy, write_paper_task
 from utils import HumeError
 
 K, N = 4, 200
@@ -172,8 +172,7 @@ def test_a_cluster_column_that_disagrees_with_the_tasks_is_refused(clean, tmp_pa
 
 def test_the_script_exits_2_with_one_line_on_a_csv_without_a_label_column(clean, tmp_path):
     path = write_csv(tmp_path / "l.csv", ["index", "cluster"], [[0, 1]])
-    proc = run_many({"bad": [("annotate.py", flags(clean, "--apply", path, "--out", str(tmp_path / "o.npy")))]})
-    proc = proc["bad"][0]
+    (proc,) = run_chain_in_process([("annotate.py", flags(clean, "--apply", path, "--out", str(tmp_path / "o.npy")))])
     assert proc.returncode == 2, describe(proc)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "label" in lines[0], describe(proc)

@@ -2,7 +2,7 @@
 against direct scikit-learn calls on the same data (metrics recomputed here independently).
 
 The methods run in-process with one thread (torch and BLAS): on a small shared machine, tiny problems run many
-times faster single-threaded. One subprocess checks the script's error convention (exit 2, one stderr line).
+times faster single-threaded. main(argv) checks the script's error convention (exit 2, one stderr line).
 """
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
 import baselines
-from helpers import blobs, describe, hungarian_acc, run_many, write_problem
+from helpers import blobs, describe, hungarian_acc, run_chain_in_process, write_problem
 from utils import HumeError
 
 
@@ -126,8 +126,8 @@ def test_bad_inputs_raise_a_hume_error(P, tmp_path):
 
 
 def test_the_script_exits_2_with_one_line_on_a_bad_input(P):
-    proc = run_many({"bad": [("baselines.py", ["--method", "probe", "--phi_path", P["phi2"], "--phi_path_val",
-                                                P["phi2_val"], "--gt_labels_path", P["labels_val"]])]})["bad"][0]
+    (proc,) = run_chain_in_process([("baselines.py", ["--method", "probe", "--phi_path", P["phi2"], "--phi_path_val",
+                                                      P["phi2_val"], "--gt_labels_path", P["labels_val"]])])
     assert proc.returncode == 2, describe(proc)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--gt_labels_path_train" in lines[0], describe(proc)

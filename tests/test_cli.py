@@ -1,18 +1,12 @@
-"""hume.py and evaluate.py from the outside: real subprocesses (sys.executable, from the repo root), on tiny
-synthetic problems written as .npy files.
+"""hume.py and evaluate.py through their command lines, on tiny synthetic problems written as .npy files.
 
-- Bad inputs (table-driven): exit code 2, exactly one stderr line "error: ..." naming the flag or file, no
-  traceback, and nothing written (a new --exp_path is not created, an existing empty one stays empty, nothing
-  appears beside --json or in the tasks folder).
+- Bad inputs (table-driven, main(argv) in process as its __main__ runs it): exit code 2, exactly one stderr line
+  "error: ..." naming the flag or file, no traceback, and nothing written (a new --exp_path is not created, an
+  existing empty one stays empty, nothing appears beside --json or in the tasks folder).
 - End to end: transductive, inductive (labels with arbitrary integer values), --save_all; the files are the
   paper's formats (plain torch / pickle load them), predictions and accuracies are recomputed here independently.
+  The transductive chain and the bundled demo run as real `python script ...` processes, the others in process.
 - A folder "written by the paper's hume.py", built by hand with plain torch: the ensemble and best-CV choice.
-- The bundled demo with no path flags (skipped while its arrays are not under data/).
-
-Every fresh interpreter pays 3-4 CPU-seconds for `import torch`, so the module-scoped fixture `runs` starts all the
-runs the selected tests need at once: the transductive chain (hume.py then evaluate.py) runs as plain
-`sys.executable script ...` processes, the others are forked, one process per run, from a server that imported
-torch once and runs each script as __main__ (helpers.run_many; HUME_TEST_EXEC=1 runs them all the plain way).
 """
 import json
 import os
@@ -31,7 +25,6 @@ DEMO_FILES = [os.path.join(REPO, p) for p in (
     "data/representations/pca/digitstrain_l2.npy", "data/representations/pca/digitstest_l2.npy",
     "data/representations/ocr/digitstrain.npy", "data/representations/ocr/digitstest.npy",
     "data/labels/digitstest_targets.npy")]
-DEMO_PRESENT = all(os.path.exists(p) for p in DEMO_FILES)
 DEMO_TEST_POINTS = 360
 
 
@@ -253,66 +246,38 @@ def _setup_demo(root):
     return steps, {"out": out, "json": os.path.join(root, "eval.json")}
 
 
-EXEC = {"trans"}  # these run as plain `python script ...` processes; the rest through the fork server
 CHAINS = {"trans": _setup_trans, "ind": _setup_ind, "save_all": _setup_save_all, "paper": _setup_paper,
           "json_new_folder": _setup_json_new_folder, "demo": _setup_demo}
-NEEDS = {  # test -> the chains it reads
-    "test_transductive_end_to_end": ["trans"], "test_task_encoder_orthonormal": ["trans", "ind", "save_all"],
-    "test_inductive_end_to_end": ["ind"], "test_save_all": ["save_all"], "test_paper_folder": ["paper"],
-    "test_evaluate_json_into_new_folder": ["json_new_folder"],
-    "test_demo_defaults": ["demo"], "test_no_temporary_files_left": ["trans", "ind", "save_all", "demo"],
-}
-
-
-# ---------------------------------------------------------------- one launcher for every selected test
-
-def _wanted(session):
-    keys = []
-    for item in session.items:
-        if getattr(item, "module", None) is None or item.module.__file__ != __file__:
-            continue
-        params = item.callspec.params if hasattr(item, "callspec") else {}
-        if item.originalname == "test_hume_bad_input":
-            keys.append(("hume", params["case"], "new"))
-        elif item.originalname == "test_hume_bad_input_existing_folder":
-            keys.append(("hume", params["case"], "empty"))
-        elif item.originalname == "test_evaluate_bad_input":
-            keys.append(("evaluate", params["case"]))
-        keys += NEEDS.get(item.originalname, [])
-    return [k for k in dict.fromkeys(keys) if DEMO_PRESENT or k != "demo"]
+SUBPROCESS = {"trans", "demo"}  # these run as real `python script ...` processes (the README's way); the rest in process
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory):
-    """{key: (procs, context)} for every run the selected tests of this module need, all run concurrently."""
-    root = str(tmp_path_factory.mktemp("cli"))
-    P = write_problem(os.path.join(root, "shared"), n=240, k=4, d1=16, seed=0, n_val=60)
-    jobs, ctx = {}, {}
-    wanted = _wanted(request.session)
-    for key in sorted(wanted, key=lambda k: isinstance(k, tuple)):  # the long chains first
-        folder = os.path.join(root, "_".join(key) if isinstance(key, tuple) else key)
-        if isinstance(key, str):
-            jobs[key], ctx[key] = CHAINS[key](folder)
-        elif key[0] == "hume":
-            build, expect = HUME_BAD[key[1]]
-            args = build(Case(os.path.join(folder, "in"), P))
-            exp = os.path.join(folder, "exp")
-            if key[2] == "empty":
-                os.makedirs(exp)
-            jobs[key] = [("hume.py", args + FAST + ["--exp_path", exp])]
-            ctx[key] = {"exp": exp, "expect": expect}
-        else:
-            build, expect = EVAL_BAD[key[1]]
-            c = Case(os.path.join(folder, "in"), P)
-            tasks, phi1, labels = build(c)
-            before = sorted(os.listdir(tasks)) if os.path.isdir(tasks) else None
-            out_json = os.path.join(folder, "report", "eval.json")
-            os.makedirs(os.path.dirname(out_json))
-            jobs[key] = [("evaluate.py", ["--tasks_path", tasks, "--phi1_path", phi1, "--gt_labels_path", labels,
-                                          "--json", out_json])]
-            ctx[key] = {"tasks": tasks, "before": before, "json": out_json, "expect": expect}
-    procs = helpers.run_many(jobs, exec_keys=EXEC)  # looked up at call time: a profiler may wrap it
-    return {key: (procs[key], ctx[key]) for key in jobs}
+def chain(tmp_path_factory):
+    """chain(key) -> (results, context) of the named end-to-end chain, run once per module on first use."""
+    done = {}
+
+    def get(key):
+        if key not in done:
+            steps, ctx = CHAINS[key](str(tmp_path_factory.mktemp(key)))
+            run = helpers.run_chain if key in SUBPROCESS else helpers.run_chain_in_process
+            done[key] = (run(steps), ctx)
+        return done[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def shared_problem(tmp_path_factory):
+    return write_problem(str(tmp_path_factory.mktemp("shared")), n=240, k=4, d1=16, seed=0, n_val=60)
+
+
+def run_hume_bad(folder, P, case, existing):
+    build, expect = HUME_BAD[case]
+    args = build(Case(os.path.join(folder, "in"), P))
+    exp = os.path.join(folder, "exp")
+    if existing:
+        os.makedirs(exp)
+    (proc,) = helpers.run_chain_in_process([("hume.py", args + FAST + ["--exp_path", exp])])
+    return proc, exp, expect
 
 
 def assert_clean_failure(proc, expect):
@@ -333,26 +298,32 @@ def assert_ok(proc):
 # ---------------------------------------------------------------- 1. bad inputs
 
 @pytest.mark.parametrize("case", list(HUME_BAD))
-def test_hume_bad_input(runs, case):
-    (proc,), c = runs[("hume", case, "new")]
-    assert_clean_failure(proc, c["expect"])
-    assert not os.path.exists(c["exp"]), f"--exp_path was created by a run that failed: {os.listdir(c['exp'])}"
+def test_hume_bad_input(shared_problem, tmp_path, case):
+    proc, exp, expect = run_hume_bad(str(tmp_path), shared_problem, case, existing=False)
+    assert_clean_failure(proc, expect)
+    assert not os.path.exists(exp), f"--exp_path was created by a run that failed: {os.listdir(exp)}"
 
 
 @pytest.mark.parametrize("case", HUME_BAD_EXISTING)
-def test_hume_bad_input_existing_folder(runs, case):
-    (proc,), c = runs[("hume", case, "empty")]
-    assert_clean_failure(proc, c["expect"])
-    assert os.listdir(c["exp"]) == [], "a run that failed wrote into --exp_path"
+def test_hume_bad_input_existing_folder(shared_problem, tmp_path, case):
+    proc, exp, expect = run_hume_bad(str(tmp_path), shared_problem, case, existing=True)
+    assert_clean_failure(proc, expect)
+    assert os.listdir(exp) == [], "a run that failed wrote into --exp_path"
 
 
 @pytest.mark.parametrize("case", list(EVAL_BAD))
-def test_evaluate_bad_input(runs, case):
-    (proc,), c = runs[("evaluate", case)]
-    assert_clean_failure(proc, c["expect"])
-    assert os.listdir(os.path.dirname(c["json"])) == [], "a failed run wrote beside --json"
-    if c["before"] is not None:
-        assert sorted(os.listdir(c["tasks"])) == c["before"], "the tasks folder changed"
+def test_evaluate_bad_input(shared_problem, tmp_path, case):
+    build, expect = EVAL_BAD[case]
+    tasks, phi1, labels = build(Case(str(tmp_path / "in"), shared_problem))
+    before = sorted(os.listdir(tasks)) if os.path.isdir(tasks) else None
+    out_json = tmp_path / "report" / "eval.json"
+    out_json.parent.mkdir()
+    (proc,) = helpers.run_chain_in_process([("evaluate.py", ["--tasks_path", tasks, "--phi1_path", phi1,
+                                                             "--gt_labels_path", labels, "--json", out_json])])
+    assert_clean_failure(proc, expect)
+    assert os.listdir(out_json.parent) == [], "a failed run wrote beside --json"
+    if before is not None:
+        assert sorted(os.listdir(tasks)) == before, "the tasks folder changed"
 
 
 # ---------------------------------------------------------------- 2. end to end
@@ -366,12 +337,12 @@ def load_task(path, d1, k):
 
 def load_results(path):
     with open(path, "rb") as f:
-        return pickle.load(f)
+        return pickle.load(f)  # a file this test's own run wrote
 
 
-def check_run(runs, key):
+def check_run(chain, key):
     """The common checks of one hume.py + evaluate.py chain; returns what the tests check further."""
-    procs, c = runs[key]
+    procs, c = chain(key)
     for p in procs:
         assert_ok(p)
     assert len(procs) == 2
@@ -410,19 +381,19 @@ def check_run(runs, key):
     return res, report, W
 
 
-def test_transductive_end_to_end(runs):
-    res, report, W = check_run(runs, "trans")
+def test_transductive_end_to_end(chain):
+    res, report, W = check_run(chain, "trans")
     assert len(res["preds"]) == 240
 
 
-def test_inductive_end_to_end(runs):
-    res, report, W = check_run(runs, "ind")
+def test_inductive_end_to_end(chain):
+    res, report, W = check_run(chain, "ind")
     assert len(res["preds"]) == 100  # predictions on the evaluation split only
 
 
-def test_save_all(runs):
-    res, report, W = check_run(runs, "save_all")
-    procs, c = runs["save_all"]
+def test_save_all(chain):
+    res, report, W = check_run(chain, "save_all")
+    procs, c = chain("save_all")
     names = os.listdir(c["out"])
     iters = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"linear_task_(\d+)_7\.pt", n)))
     assert len(iters) == 3 and iters in ([0, 1, 2], [1, 2, 3]), sorted(names)
@@ -433,19 +404,17 @@ def test_save_all(runs):
     assert list(report["tasks"]) == ["7"], "evaluate.py counted the per-iteration snapshots as tasks"
 
 
-def test_task_encoder_orthonormal(runs):
+def test_task_encoder_orthonormal(chain):
     for key in ("trans", "ind", "save_all"):
-        procs, c = runs[key]
+        procs, c = chain(key)
         assert_ok(procs[0])
         W = load_task(os.path.join(c["out"], f"linear_task_{c['seed']}.pt"), c["P"]["d1"], c["P"]["k"])
         assert torch.allclose(W @ W.T, torch.eye(c["P"]["k"], dtype=W.dtype), atol=1e-5, rtol=0), key
 
 
-def test_no_temporary_files_left(runs):
+def test_no_temporary_files_left(chain):
     for key in ("trans", "ind", "save_all", "demo"):
-        if key not in runs:
-            continue
-        procs, c = runs[key]
+        procs, c = chain(key)
         left = [n for n in os.listdir(c["out"]) if n.startswith(".tmp_")]
         assert not left, f"{key}: {left}"
         parent = os.path.dirname(c.get("json", c["out"]))
@@ -454,8 +423,8 @@ def test_no_temporary_files_left(runs):
 
 # ---------------------------------------------------------------- 4. a folder from the paper's hume.py
 
-def test_paper_folder(runs):
-    (proc,), c = runs["paper"]
+def test_paper_folder(chain):
+    (proc,), c = chain("paper")
     assert_ok(proc)
     with open(c["json"]) as f:
         report = json.load(f)
@@ -479,10 +448,10 @@ def test_paper_folder(runs):
     assert report["mean"]["acc"] == pytest.approx(0.9, abs=1e-12)
 
 
-def test_evaluate_json_into_new_folder(runs):
+def test_evaluate_json_into_new_folder(chain):
     """--json into a folder that does not exist yet: either written (folder created) or refused with one error
     line, never a traceback after all the work."""
-    (proc,), c = runs["json_new_folder"]
+    (proc,), c = chain("json_new_folder")
     assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
     if proc.returncode == 0:
         with open(c["json"]) as f:
@@ -493,12 +462,11 @@ def test_evaluate_json_into_new_folder(runs):
 
 # ---------------------------------------------------------------- 5. the bundled demo
 
-@pytest.mark.skipif(not DEMO_PRESENT, reason="the bundled demo arrays are not under data/ yet")
-def test_demo_defaults(runs):
+def test_demo_defaults(chain):
     import utils
     assert sorted(DEMO_FILES) == sorted(utils.DEMO[k] for k in ("phi1_train", "phi1_test", "phi2_train",
                                                                 "phi2_test", "labels_test"))
-    procs, c = runs["demo"]
+    procs, c = chain("demo")
     for p in procs:
         assert_ok(p)
     assert len(procs) == 2

@@ -1,15 +1,14 @@
 """--inner_lr auto: lambda_max against numpy, and the demo with unit-norm phi2 (warning, recovery, scale)."""
 import os
-import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-import hypergrad
-from helpers import REPO
-from utils import DEMO
+import evaluate
+import hume as hume_script
+import inner_lr
+from helpers import cli
+from utils import DEMO, load_results
 
 # a short run on the demo (its README settings, fewer iterations): ~1 minute on a 2-core CPU
 SHORT = ["--outer_lr", "0.01", "--num_subsets", "5", "--adaptation_steps", "100", "--num_iters", "110",
@@ -22,7 +21,7 @@ def test_lambda_max_equals_numpy_eigvalsh(n, d):
     X = (rng.standard_normal((n, d)) * 2 + rng.standard_normal(d)).astype(np.float32)
     Xa = np.hstack([X.astype(np.float64), np.ones((n, 1))])
     expected = np.linalg.eigvalsh(Xa.T @ Xa / n)[-1]
-    assert abs(hypergrad.lambda_max(X) - expected) <= 1e-4 * expected
+    assert abs(inner_lr.lambda_max(X) - expected) <= 1e-4 * expected
 
 
 def demo_inputs(folder, scale=None):
@@ -39,29 +38,30 @@ def demo_inputs(folder, scale=None):
 
 
 def hume(args):
-    return subprocess.run([sys.executable, "hume.py"] + args, capture_output=True, text=True, cwd=REPO)
+    """hume.py's main(args) in this process: (exit code, stdout, stderr)."""
+    return cli(hume_script.main, args)
 
 
 def results(folder, seed=0):
-    with open(os.path.join(folder, f"results_{seed}.pickle"), "rb") as f:
-        return pickle.load(f)
+    return load_results(os.path.join(folder, f"results_{seed}.pickle"))
 
 
 def test_unit_norm_phi2_warns_with_the_default_step_and_auto_fixes_it(tmp_path):
     inputs = demo_inputs(str(tmp_path))
     default = hume(inputs + ["--num_iters", "2", "--num_subsets", "2", "--adaptation_steps", "300", "--quiet",
                              "--device", "cpu", "--exp_path", str(tmp_path / "default")])
-    assert default.returncode == 0, default.stderr
-    warnings = [line for line in default.stderr.splitlines() if line.startswith("warning:")]
+    code, out, err = default
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "--inner_lr auto" in warnings[0]  # once per run, even with --quiet
-    assert default.stdout == ""
-    auto = hume(inputs + SHORT + ["--inner_lr", "auto", "--quiet", "--exp_path", str(tmp_path / "auto")])
-    assert auto.returncode == 0, auto.stderr
-    assert "warning" not in auto.stderr
+    assert out == ""
+    code, _, err = hume(inputs + SHORT + ["--inner_lr", "auto", "--quiet", "--exp_path", str(tmp_path / "auto")])
+    assert code == 0, err
+    assert "warning" not in err
     r = results(str(tmp_path / "auto"))
-    assert r["inner_fit"]["first"]["ce_drop"] > hypergrad.DROP_MIN
+    assert r["inner_fit"]["first"]["ce_drop"] > inner_lr.DROP_MIN
     assert r["metrics"]["acc"] >= 0.85
-    import evaluate  # evaluate.py flags the task found with an untrained inner problem, not the other
+    # evaluate.py flags the task found with an untrained inner problem, not the other
     assert evaluate.untrained_inner(str(tmp_path / "default" / "results_42.pickle"))
     assert not evaluate.untrained_inner(str(tmp_path / "auto" / "results_0.pickle"))
 
@@ -71,9 +71,9 @@ def test_auto_step_makes_the_search_scale_equivariant(tmp_path):
     for scale in (0.01, 1.0, 100.0):
         folder = tmp_path / str(scale)
         folder.mkdir()
-        out = hume(demo_inputs(str(folder), scale) + SHORT + ["--num_iters", "40", "--inner_lr", "auto", "--quiet",
-                                                               "--exp_path", str(folder / "out")])
-        assert out.returncode == 0, out.stderr
+        code, _, err = hume(demo_inputs(str(folder), scale) + SHORT + ["--num_iters", "40", "--inner_lr", "auto",
+                                                                        "--quiet", "--exp_path", str(folder / "out")])
+        assert code == 0, err
         preds.append(results(str(folder / "out"))["preds"])
     for other in preds[1:]:
         assert np.mean(other == preds[0]) >= 0.95

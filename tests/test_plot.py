@@ -63,7 +63,7 @@ def test_without_labels_the_figures_needing_them_are_skipped_with_one_note(run, 
 def test_missing_folder_exits_2_with_one_line(capsys, tmp_path):
     missing = tmp_path / "no_such_folder"
     with pytest.raises(SystemExit) as exit_:
-        run_cli(lambda: plot.main(["--tasks_path", str(missing), "--out", str(tmp_path / "figs")]))
+        run_cli(plot.main, ["--tasks_path", str(missing), "--out", str(tmp_path / "figs")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: --tasks_path {missing}: no such folder"]
     assert not (tmp_path / "figs").exists()

@@ -1,19 +1,31 @@
-"""Whole hume.py runs: resume equals an uninterrupted run, --mmap equals in-memory, adjoint equals unrolled."""
+"""Whole hume.py runs (main(argv) in process): a crashed and resumed run equals an uninterrupted one, --mmap equals
+in-memory, adjoint equals unrolled."""
 import os
-import subprocess
-import sys
 
+import pytest
 import torch
 
-from helpers import REPO, write_problem
+import checkpoint
+import hume
+from helpers import cli, write_problem
 
 BUDGET = ["--k", "4", "--num_subsets", "3", "--adaptation_steps", "10", "--subset_size", "120", "--outer_lr", "0.01",
           "--inner_lr", "auto", "--device", "cpu", "--quiet", "--seed", "3"]
 
 
-def run(args, env=None):
-    return subprocess.run([sys.executable, os.path.join(REPO, "hume.py")] + args, capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})), cwd=REPO)
+class Crash(BaseException):
+    """Stands for the process dying (a kill, a power cut): nothing of hume.py's own handles it."""
+
+
+def crash_after_checkpoint(monkeypatch, at):
+    """From now on, hume.py dies right after writing the checkpoint of iteration `at`."""
+    save = checkpoint.save
+
+    def save_then_crash(cfg, iteration, *rest):
+        save(cfg, iteration, *rest)
+        if iteration == at:
+            raise Crash
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
 
 
 def task(folder, seed=3):
@@ -28,17 +40,18 @@ def paths(p, val=False):
     return out
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+def test_crashed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     p = write_problem(str(tmp_path / "data"), n=200)
     common = paths(p) + BUDGET + ["--num_iters", "8", "--ckpt_every", "2", "--eval_every", "1"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert run(common + ["--exp_path", full]).returncode == 0
-    killed = run(common + ["--exp_path", cut], env={"HUME_TEST_KILL_AT": "4"})
-    assert killed.returncode == 137
+    hume.main(common + ["--exp_path", full])
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, 4)
+        with pytest.raises(Crash):
+            hume.main(common + ["--exp_path", cut])
     assert os.path.isfile(os.path.join(cut, "checkpoint_3.pt"))
     assert not os.path.exists(os.path.join(cut, "linear_task_3.pt"))
-    resumed = run(common + ["--exp_path", cut, "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
+    hume.main(common + ["--exp_path", cut, "--resume"])
     a, b = task(full), task(cut)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -46,17 +59,19 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert len(log) == 8  # iterations 1..8 once each: lines after the checkpoint were dropped, then rewritten
 
 
-def test_resume_refuses_changed_settings(tmp_path):
+def test_resume_refuses_changed_settings(tmp_path, monkeypatch):
     p = write_problem(str(tmp_path / "data"), n=200)
     common = paths(p) + BUDGET + ["--num_iters", "4", "--ckpt_every", "2", "--exp_path", str(tmp_path / "r")]
-    assert run(common, env={"HUME_TEST_KILL_AT": "2"}).returncode == 137
-    out = run(common + ["--resume", "--H_reg", "5"])
-    assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "--H_reg" in out.stderr and "Traceback" not in out.stderr
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, 2)
+        with pytest.raises(Crash):
+            hume.main(common)
+    code, _, err = cli(hume.main, common + ["--resume", "--H_reg", "5"])
+    assert code == 2
+    assert err.count("\n") == 1 and "--H_reg" in err
 
 
 def test_mmap_gives_the_same_task_as_in_memory(tmp_path):
-    import hume
     p = write_problem(str(tmp_path / "data"), n=300, n_val=60)
     common = paths(p, val=True) + BUDGET + ["--num_iters", "4"]
     hume.main(common + ["--exp_path", str(tmp_path / "mem")])
@@ -66,7 +81,6 @@ def test_mmap_gives_the_same_task_as_in_memory(tmp_path):
 
 
 def test_adjoint_and_unrolled_runs_give_the_same_task(tmp_path):
-    import hume
     p = write_problem(str(tmp_path / "data"), n=200)
     common = paths(p) + BUDGET + ["--num_iters", "3"]
     hume.main(common + ["--exp_path", str(tmp_path / "adj"), "--hypergrad", "adjoint"])
