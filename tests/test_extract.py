@@ -14,21 +14,16 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import backbones  # noqa: E402
 import extract  # noqa: E402
-from utils import run_cli  # noqa: E402
+from helpers import cli as run_main  # noqa: E402
 
 FAST = ["--image_size", "32", "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
 
 
-def cli(capsys, *argv):
-    """Run extract.py's main in-process as the script does; returns (exit code, stdout, stderr)."""
-    try:
-        run_cli(lambda: extract.main([str(a) for a in argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(*argv):
+    """extract.py's main run in process as the script runs it: (exit code, stdout, stderr)."""
+    return run_main(extract.main, argv)
 
 
 def fake(out, *extra, size=12):
@@ -49,9 +44,9 @@ def assert_failed_cleanly(code, err, folder):
 
 # ---------------------------------------------------------------- outputs
 
-def test_fakedata_gives_unit_norm_float32_rows_labels_and_identical_reruns(tmp_path, capsys):
+def test_fakedata_gives_unit_norm_float32_rows_labels_and_identical_reruns(tmp_path):
     out = tmp_path / "data" / "representations" / "random"
-    code, log, err = cli(capsys, *fake(out, "--weights", "none", "--l2"))
+    code, log, err = cli(*fake(out, "--weights", "none", "--l2"))
     assert code == 0, err
     phi = np.load(out / "faketrain_l2.npy")
     assert phi.shape == (12, 512) and phi.dtype == np.float32
@@ -59,12 +54,12 @@ def test_fakedata_gives_unit_norm_float32_rows_labels_and_identical_reruns(tmp_p
     labels = np.load(tmp_path / "data" / "labels" / "faketrain_targets.npy")  # paper layout: data/labels/
     assert labels.shape == (12,) and labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < 10
     assert "images/s" in log
-    assert cli(capsys, *fake(out, "--weights", "none", "--l2"))[0] == 0
+    assert cli(*fake(out, "--weights", "none", "--l2"))[0] == 0
     np.testing.assert_array_equal(np.load(out / "faketrain_l2.npy"), phi)
-    assert written(out) == ["faketrain_l2.npy"]  # no temporary files left
+    assert written(out) == ["faketrain_l2.npy", "faketrain_l2.sources.txt"]  # no temporary files left
 
 
-def test_imagefolder_labels_follow_class_folders_and_name_sets_file_names(tmp_path, capsys):
+def test_imagefolder_labels_follow_class_folders_and_name_sets_file_names(tmp_path):
     rng = np.random.default_rng(0)
     for cls, n in [("cat", 3), ("dog", 2)]:
         os.makedirs(tmp_path / "imgs" / cls)
@@ -74,7 +69,7 @@ def test_imagefolder_labels_follow_class_folders_and_name_sets_file_names(tmp_pa
                 tmp_path / "imgs" / cls / f"{i}.png")
         Image.fromarray(rng.integers(0, 255, (33, 35), dtype=np.uint8)).save(tmp_path / "imgs" / cls / "gray.jpg")
     out = tmp_path / "reps"
-    code, _, err = cli(capsys, "--dataset", "imagefolder", "--root", tmp_path / "imgs", "--split", "test",
+    code, _, err = cli("--dataset", "imagefolder", "--root", tmp_path / "imgs", "--split", "test",
                        "--name", "pets", "--arch", "resnet18", "--weights", "none", "--out", out, *FAST)
     assert code == 0, err
     assert np.load(out / "petstest.npy").shape == (7, 512)
@@ -84,12 +79,12 @@ def test_imagefolder_labels_follow_class_folders_and_name_sets_file_names(tmp_pa
 @pytest.mark.parametrize("arch,dim,size", [("resnet50", 2048, 32), ("vit_b_16", 768, 224),
                                            ("efficientnet_b0", 1280, 32), ("mobilenet_v3_small", 1024, 32)])
 def test_models_output_penultimate_features(arch, dim, size):
-    model, _ = extract.build_model(arch, "none")
+    model, _ = backbones.torchvision_model(arch, "none")
     with torch.inference_mode():
         assert model(torch.randn(2, 3, size, size)).shape == (2, dim)
 
 
-def test_cifar100_20_labels_are_the_coarse_superclasses(tmp_path, capsys, monkeypatch):
+def test_cifar100_20_labels_are_the_coarse_superclasses(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-100-python"
     os.makedirs(folder)
     rng = np.random.default_rng(0)
@@ -110,7 +105,7 @@ def test_cifar100_20_labels_are_the_coarse_superclasses(tmp_path, capsys, monkey
     monkeypatch.setattr(cifar, "meta", {**cifar.meta, "md5": md5["meta"]})
     out = tmp_path / "data" / "representations" / "random"
     for split, expected in [("train", coarse["train"]), ("traintest", coarse["train"] + coarse["test"])]:
-        code, _, err = cli(capsys, "--dataset", "cifar100-20", "--root", tmp_path, "--split", split,
+        code, _, err = cli("--dataset", "cifar100-20", "--root", tmp_path, "--split", split,
                            "--arch", "resnet18", "--weights", "none", "--out", out, *FAST)
         assert code == 0, err
         assert np.load(out / f"cifar100-20{split}.npy").shape == (len(expected), 512)
@@ -132,7 +127,7 @@ CHECKPOINT_STYLES = [  # (prefix of the backbone to load, prefix of its momentum
 
 
 @pytest.mark.parametrize("keep,drop,stem", CHECKPOINT_STYLES)
-def test_self_supervised_checkpoint_gives_the_features_of_its_clean_state_dict(tmp_path, capsys, keep, drop, stem):
+def test_self_supervised_checkpoint_gives_the_features_of_its_clean_state_dict(tmp_path, keep, drop, stem):
     sd = random_state_dict("resnet18", seed=1)
     if stem:
         sd["conv1.weight"] = torch.randn(64, 3, 3, 3)
@@ -143,7 +138,7 @@ def test_self_supervised_checkpoint_gives_the_features_of_its_clean_state_dict(t
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": wrapped}, tmp_path / "ssl.pth.tar")
     phis, logs = {}, {}
     for name, weights in [("clean", tmp_path / "clean.pth"), ("ssl", tmp_path / "ssl.pth.tar"), ("random", "none")]:
-        code, logs[name], err = cli(capsys, *fake(tmp_path / name, "--weights", weights, *stem, size=8))
+        code, logs[name], err = cli(*fake(tmp_path / name, "--weights", weights, *stem, size=8))
         assert code == 0, err
         phis[name] = np.load(tmp_path / name / "faketrain.npy")
     assert f"prefix '{keep}' stripped" in logs["ssl"]
@@ -151,15 +146,15 @@ def test_self_supervised_checkpoint_gives_the_features_of_its_clean_state_dict(t
     assert not np.allclose(phis["random"], phis["clean"])
 
 
-def test_torchvision_weights_name_loads_from_torch_cache_offline(tmp_path, capsys, monkeypatch):
+def test_torchvision_weights_name_loads_from_torch_cache_offline(tmp_path, monkeypatch):
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     os.makedirs(cache)
     torch.save(random_state_dict("resnet18", seed=2), cache / os.path.basename(weights.url))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    model, registry = extract.build_model("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    model, registry = backbones.torchvision_model("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
     assert registry is weights
-    assert extract.make_transform(registry, None, None, None).crop_size == [224]  # the weights' own preprocessing
+    assert backbones.make_transform(registry, None, None, None).crop_size == [224]  # the weights' own preprocessing
     torch.manual_seed(2)
     reference = torchvision.models.resnet18()
     reference.fc = torch.nn.Identity()
@@ -179,75 +174,75 @@ def test_unknown_arch_exits_2_with_one_line_from_the_command_line(tmp_path):
     assert written(out) == []
 
 
-def test_unknown_dataset_exits_2(tmp_path, capsys):
-    code, _, err = cli(capsys, *fake(tmp_path / "reps", "--weights", "none", "--dataset", "mnist"))
+def test_unknown_dataset_exits_2(tmp_path):
+    code, _, err = cli(*fake(tmp_path / "reps", "--weights", "none", "--dataset", "mnist"))
     assert_failed_cleanly(code, err, tmp_path / "reps")
 
 
-def test_missing_root_exits_2(tmp_path, capsys):
+def test_missing_root_exits_2(tmp_path):
     out = tmp_path / "reps"
-    code, _, err = cli(capsys, "--dataset", "cifar10", "--root", tmp_path / "nowhere", "--arch", "resnet18",
+    code, _, err = cli("--dataset", "cifar10", "--root", tmp_path / "nowhere", "--arch", "resnet18",
                        "--weights", "none", "--out", out, *FAST)
     assert_failed_cleanly(code, err, out)
     assert "--root" in err
 
 
 @pytest.mark.parametrize("arch", ["resnet34", "resnet50"])  # extra blocks; other tensor shapes
-def test_checkpoint_of_another_architecture_exits_2(tmp_path, capsys, arch):
+def test_checkpoint_of_another_architecture_exits_2(tmp_path, arch):
     torch.save({"state_dict": {"module." + k: v for k, v in random_state_dict(arch, 0).items()}},
                tmp_path / "other.pth")
     out = tmp_path / "reps"
-    code, _, err = cli(capsys, *fake(out, "--weights", tmp_path / "other.pth"))
+    code, _, err = cli(*fake(out, "--weights", tmp_path / "other.pth"))
     assert_failed_cleanly(code, err, out)
     assert "another architecture" in err
 
 
-def test_unknown_weights_name_and_pickled_objects_exit_2(tmp_path, capsys):
+def test_unknown_weights_name_and_pickled_objects_exit_2(tmp_path):
     out = tmp_path / "reps"
-    code, _, err = cli(capsys, *fake(out, "--weights", "ResNet50_Weights.IMAGENET1K_V2"))
+    code, _, err = cli(*fake(out, "--weights", "ResNet50_Weights.IMAGENET1K_V2"))
     assert_failed_cleanly(code, err, out)
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "objects.pth")  # DINO-style
-    code, _, err = cli(capsys, *fake(out, "--weights", tmp_path / "objects.pth"))
+    code, _, err = cli(*fake(out, "--weights", tmp_path / "objects.pth"))
     assert_failed_cleanly(code, err, out)
     assert "re-save" in err
 
 
-def test_output_folder_not_writable_exits_2(tmp_path, capsys):
+def test_output_folder_not_writable_exits_2(tmp_path):
     (tmp_path / "file").write_text("")
-    code, _, err = cli(capsys, *fake(tmp_path / "file" / "reps", "--weights", "none"))
+    code, _, err = cli(*fake(tmp_path / "file" / "reps", "--weights", "none"))
     assert code == 2 and err.count("\n") == 1 and "--out" in err, err
     if os.geteuid() != 0:  # root writes anywhere
         os.makedirs(tmp_path / "locked")
         os.chmod(tmp_path / "locked", 0o555)
-        code, _, err = cli(capsys, *fake(tmp_path / "locked", "--weights", "none"))
+        code, _, err = cli(*fake(tmp_path / "locked", "--weights", "none"))
         assert_failed_cleanly(code, err, tmp_path / "locked")
 
 
-def test_unreadable_image_midway_leaves_nothing_behind(tmp_path, capsys):
+def test_unreadable_image_midway_leaves_nothing_behind(tmp_path):
     os.makedirs(tmp_path / "imgs" / "a")
     for i in range(9):
         Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / "imgs" / "a" / f"{i}.png")
     (tmp_path / "imgs" / "a" / "9.png").write_bytes(b"not an image")  # in the second batch
     out = tmp_path / "data" / "representations" / "x"
-    code, _, err = cli(capsys, "--dataset", "imagefolder", "--root", tmp_path / "imgs", "--arch", "resnet18",
+    code, _, err = cli("--dataset", "imagefolder", "--root", tmp_path / "imgs", "--arch", "resnet18",
                        "--weights", "none", "--out", out, *FAST)
     assert_failed_cleanly(code, err, tmp_path / "data")
     assert "9.png" in err
 
 
-def test_model_that_cannot_take_the_image_size_exits_2(tmp_path, capsys):
+def test_model_that_cannot_take_the_image_size_exits_2(tmp_path):
     out = tmp_path / "reps"
-    code, _, err = cli(capsys, *fake(out, "--weights", "none", size=2), "--arch", "vit_b_16")
+    code, _, err = cli(*fake(out, "--weights", "none", size=2), "--arch", "vit_b_16")
     assert_failed_cleanly(code, err, out)
     assert "--image_size" in err
 
 
 # ---------------------------------------------------------------- end to end
 
-def test_extracted_arrays_feed_hume_and_evaluate(tmp_path, capsys):
+def test_extracted_arrays_feed_hume_and_evaluate(tmp_path):
     reps = tmp_path / "data" / "representations"
-    assert cli(capsys, *fake(reps / "a", "--weights", "none", "--l2", size=120))[0] == 0
-    assert cli(capsys, *fake(reps / "b", "--weights", "none", "--seed", 1, size=120))[0] == 0
+    assert cli(*fake(reps / "a", "--weights", "none", "--l2", size=120))[0] == 0
+    assert cli(*fake(reps / "b", "--weights", "none", "--seed", 1, size=120))[0] == 0
     phi1, phi2 = reps / "a" / "faketrain_l2.npy", reps / "b" / "faketrain.npy"
     labels, tasks = tmp_path / "data" / "labels" / "faketrain_targets.npy", tmp_path / "tasks"
     for cmd in [["hume.py", "--phi1_path", phi1, "--phi2_path", phi2, "--gt_labels_path", labels, "--k", 10,
