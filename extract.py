@@ -205,7 +205,7 @@ def main(argv=None):
     seconds = time.time() - t0
     shape = np.load(feat_path, mmap_mode="r").shape
     log(f"wrote {feat_path}: {shape[0]} x {shape[1]} float32 in {seconds:.1f} s "
-        f"({shape[0] / seconds:.0f} images/s on {args.device})")
+        f"({shape[0] / seconds:.1f} images/s on {args.device})")
 
 
 if __name__ == "__main__":

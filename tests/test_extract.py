@@ -57,23 +57,31 @@ def test_fakedata_gives_unit_norm_float32_rows_labels_and_identical_reruns(tmp_p
     assert cli(*fake(out, "--weights", "none", "--l2"))[0] == 0
     np.testing.assert_array_equal(np.load(out / "faketrain_l2.npy"), phi)
     assert written(out) == ["faketrain_l2.npy", "faketrain_l2.sources.txt"]  # no temporary files left
+    assert (out / "faketrain_l2.sources.txt").read_text().splitlines() == [f"fake:train:{i}" for i in range(12)]
 
 
-def test_imagefolder_labels_follow_class_folders_and_name_sets_file_names(tmp_path):
-    rng = np.random.default_rng(0)
-    for cls, n in [("cat", 3), ("dog", 2)]:
-        os.makedirs(tmp_path / "imgs" / cls)
-        for i in range(n):  # varied sizes and modes: resize, crop and RGB conversion must cope
+def image_folder(root, rng, counts=(("cat", 3), ("dog", 2))):
+    """root/CLASS/*.png|jpg of varied sizes and modes (resize, crop and RGB conversion must cope); returns the
+    files in ImageFolder's order (classes sorted, then file names sorted)."""
+    for cls, n in counts:
+        os.makedirs(root / cls)
+        for i in range(n):
             size = (40 + 7 * i, 30 + 5 * i)
-            Image.fromarray(rng.integers(0, 255, size[::-1] + (3,), dtype=np.uint8)).save(
-                tmp_path / "imgs" / cls / f"{i}.png")
-        Image.fromarray(rng.integers(0, 255, (33, 35), dtype=np.uint8)).save(tmp_path / "imgs" / cls / "gray.jpg")
+            Image.fromarray(rng.integers(0, 255, size[::-1] + (3,), dtype=np.uint8)).save(root / cls / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (33, 35), dtype=np.uint8)).save(root / cls / "gray.jpg")
+    return [root / cls / f for cls, _ in sorted(counts) for f in sorted(os.listdir(root / cls))]
+
+
+def test_imagefolder_labels_follow_class_folders_and_sources_list_the_files_row_by_row(tmp_path, monkeypatch):
+    files = image_folder(tmp_path / "imgs", np.random.default_rng(0))
     out = tmp_path / "reps"
-    code, _, err = cli("--dataset", "imagefolder", "--root", tmp_path / "imgs", "--split", "test",
+    monkeypatch.chdir(tmp_path)  # a relative --root still gives absolute sources
+    code, _, err = cli("--dataset", "imagefolder", "--root", "imgs", "--split", "test",
                        "--name", "pets", "--arch", "resnet18", "--weights", "none", "--out", out, *FAST)
     assert code == 0, err
     assert np.load(out / "petstest.npy").shape == (7, 512)
     np.testing.assert_array_equal(np.load(out / "petstest_targets.npy"), [0, 0, 0, 0, 1, 1, 1])
+    assert (out / "petstest.sources.txt").read_text().splitlines() == [str(f) for f in files]
 
 
 @pytest.mark.parametrize("arch,dim,size", [("resnet50", 2048, 32), ("vit_b_16", 768, 224),
@@ -111,6 +119,8 @@ def test_cifar100_20_labels_are_the_coarse_superclasses(tmp_path, monkeypatch):
         assert np.load(out / f"cifar100-20{split}.npy").shape == (len(expected), 512)
         np.testing.assert_array_equal(np.load(tmp_path / "data" / "labels" / f"cifar100-20{split}_targets.npy"),
                                       expected)
+    sources = (out / "cifar100-20traintest.sources.txt").read_text().splitlines()
+    assert sources == [f"cifar100-20:train:{i}" for i in range(12)] + [f"cifar100-20:test:{i}" for i in range(6)]
 
 
 # ---------------------------------------------------------------- weights
@@ -235,6 +245,106 @@ def test_model_that_cannot_take_the_image_size_exits_2(tmp_path):
     code, _, err = cli(*fake(out, "--weights", "none", size=2), "--arch", "vit_b_16")
     assert_failed_cleanly(code, err, out)
     assert "--image_size" in err
+
+
+# ---------------------------------------------------------------- timm backbones (random init or local files)
+
+TIMM = [("vit_tiny_patch16_224", 192, 32), ("vit_small_patch14_dinov2.lvd142m", 384, 28)]  # 2x2 patches
+
+
+@pytest.mark.parametrize("arch,dim,size", TIMM)
+def test_timm_vit_gives_pre_logits_rows_unit_with_l2_and_identical_reruns(tmp_path, arch, dim, size):
+    argv = fake(tmp_path, "--arch", arch, "--weights", "none", "--image_size", size, "--l2", size=6)
+    code, log, err = cli(*argv)
+    assert code == 0, err
+    phi = np.load(tmp_path / "faketrain_l2.npy")
+    assert phi.shape == (6, dim) and phi.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(phi, axis=1), 1.0, atol=1e-5)
+    assert f"input_size (3, {size}, {size})" in log  # the model's data config, resized
+    assert cli(*argv)[0] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "faketrain_l2.npy"), phi)
+
+
+def timm_reference(arch, state_dict, images, size, crop_pct, mean, std):
+    """Features of images computed by timm directly: its num_classes=0 model (pooled features), with the
+    preprocessing of the model's data config written out by hand."""
+    import timm
+    model = timm.create_model(arch, dynamic_img_size=True)
+    model.load_state_dict(state_dict)
+    model.reset_classifier(0)
+    T = torchvision.transforms
+    transform = T.Compose([T.Resize(int(size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in images])
+    with torch.inference_mode():
+        return model.eval()(x).numpy()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_weights_file_gives_the_features_of_timm_itself(tmp_path, suffix):
+    import safetensors.torch
+    import timm
+    torch.manual_seed(5)
+    sd = timm.create_model("vit_tiny_patch16_224").state_dict()
+    path = tmp_path / ("vit_tiny" + suffix)
+    safetensors.torch.save_file(sd, path) if suffix == ".safetensors" else torch.save(sd, path)
+    files = image_folder(tmp_path / "imgs", np.random.default_rng(1))
+    phis = {}
+    for name, weights in [("file", path), ("random", "none")]:
+        code, _, err = cli("--dataset", "imagefolder", "--root", tmp_path / "imgs", "--arch", "vit_tiny_patch16_224",
+                           "--weights", weights, "--out", tmp_path / name, *FAST)
+        assert code == 0, err
+        phis[name] = np.load(tmp_path / name / "imagefoldertrain.npy")
+    # vit_tiny_patch16_224's default config (augreg): bicubic, crop_pct 0.9, mean = std = 0.5
+    reference = timm_reference("vit_tiny_patch16_224", sd, files, 32, 0.9, (0.5,) * 3, (0.5,) * 3)
+    np.testing.assert_allclose(phis["file"], reference, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(phis["random"], reference, atol=1e-2)
+
+
+def test_amp_features_stay_close_to_float32(tmp_path):
+    phis = {}
+    for name, extra in [("fp32", []), ("amp", ["--amp"])]:
+        code, _, err = cli(*fake(tmp_path / name, "--arch", "vit_tiny_patch16_224", "--weights", "none", *extra,
+                                 size=8))
+        assert code == 0, err
+        phis[name] = np.load(tmp_path / name / "faketrain.npy")
+    assert phis["amp"].dtype == np.float32 and not np.array_equal(phis["amp"], phis["fp32"])  # bf16 did run
+    cos = np.sum(phis["amp"] * phis["fp32"], 1) / np.linalg.norm(phis["amp"], axis=1) / np.linalg.norm(
+        phis["fp32"], axis=1)
+    assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("source", ["vit_small_patch14_dinov2", "resnet18"])
+def test_weights_file_of_another_architecture_is_refused_in_one_line(tmp_path, source):
+    import safetensors.torch
+    import timm
+    if source == "resnet18":
+        path = tmp_path / "other.pth"
+        torch.save(random_state_dict("resnet18", 0), path)
+    else:  # same key names, other shapes
+        path = tmp_path / "other.safetensors"
+        safetensors.torch.save_file(timm.create_model(source).state_dict(), path)
+    out = tmp_path / "reps"
+    code, _, err = cli(*fake(out, "--arch", "vit_tiny_patch16_224", "--weights", path))
+    assert_failed_cleanly(code, err, out)
+    assert "another architecture" in err and "first: " in err
+
+
+def test_unknown_timm_arch_suggests_close_matches(tmp_path):
+    out = tmp_path / "reps"
+    code, _, err = cli(*fake(out, "--arch", "vit_smal_patch14_dinov2.lvd142m", "--weights", "none"))
+    assert_failed_cleanly(code, err, out)
+    assert "vit_small_patch14_dinov2.lvd142m" in err
+
+
+def test_pretrained_without_network_says_so_in_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as on a machine without network: nothing downloads
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    out = tmp_path / "reps"
+    code, _, err = cli(*fake(out, "--arch", "vit_tiny_patch16_224.augreg_in21k", "--weights", "pretrained"))
+    assert_failed_cleanly(code, err, out)
+    assert "cannot be downloaded" in err and "--weights FILE" in err
 
 
 # ---------------------------------------------------------------- end to end
