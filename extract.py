@@ -1,14 +1,14 @@
 r"""
 Turn images into the phi1/phi2 .npy arrays that hume.py reads, in the paper's layout:
-data/representations/NAME/{dataset}{split}[_l2].npy, beside it NAME.sources.txt (where each row came from), and
-data/labels/{dataset}{split}_targets.npy.
+data/representations/NAME/{dataset}{split}[_l2].npy, beside it the same name with .sources.txt (where each row
+came from: file path or data-set index), and data/labels/{dataset}{split}_targets.npy.
 
 phi1, a self-supervised model trained on the data set itself (MoCo v2 checkpoint; rows L2-normalised):
 $ python extract.py --dataset cifar10 --root ~/datasets --split train --arch resnet50 \
     --weights checkpoint_0199.pth.tar --out data/representations/mocov2/ --l2
 phi2, DINOv2 ViT-g/14 through timm (its own preprocessing; weights from the Hugging Face hub, cached):
 $ python extract.py --dataset cifar10 --root ~/datasets --split train --arch vit_giant_patch14_dinov2.lvd142m \
-    --weights pretrained --out data/representations/dinov2/
+    --weights pretrained --image_size 224 --out data/representations/dino/
 phi2, a torchvision model by its weights name:
 $ python extract.py --dataset cifar10 --root ~/datasets --split train --arch vit_h_14 \
     --weights ViT_H_14_Weights.IMAGENET1K_SWAG_LINEAR_V1 --out data/representations/swag/
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="resnet50",
                    help="a torchvision.models classification architecture (features: the penultimate layer) or a "
                         "timm model, bare or with its pretrained tag, e.g. vit_small_patch14_dinov2.lvd142m, "
-                        "vit_large_patch14_clip_224.openai (features: the pooled pre-logits embedding); a name in "
+                        "vit_large_patch14_clip_quickgelu_224.openai (features: the pooled pre-logits embedding); a name in "
                         "both is torchvision's")
     p.add_argument("--weights", required=True,
                    help="torchvision: a checkpoint file (plain, MoCo, DINO or solo-learn state_dict: prefixes such "
