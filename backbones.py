@@ -187,6 +187,10 @@ def timm_model(arch, weights, seed, image_size):
     if weights not in ("pretrained", "none") and not os.path.isfile(weights):
         raise HumeError(f"--weights {weights}: for timm's {arch} give pretrained, none or a .safetensors/.pth file")
     torch.manual_seed(seed)  # random init is reproducible
+    tagged = timm.list_models(pretrained=True)
+    if weights == "pretrained" and arch not in tagged and not any(n.startswith(arch + ".") for n in tagged):
+        raise HumeError(f"--weights pretrained: timm has no pretrained weights for {arch} (it would silently "
+                        "initialise it at random); pick a tagged name from timm.list_models(pretrained=True)")
     if weights == "pretrained":
         log(f"{arch}: pretrained weights from the Hugging Face hub cache {hf_constants.HF_HUB_CACHE} "
             "(downloaded there on first use)")

@@ -337,6 +337,17 @@ def test_unknown_timm_arch_suggests_close_matches(tmp_path):
     assert "vit_small_patch14_dinov2.lvd142m" in err
 
 
+def test_pretrained_for_a_timm_model_without_weights_and_pickled_objects_exit_2(tmp_path):
+    out = tmp_path / "reps"
+    code, _, err = cli(*fake(out, "--arch", "vit_base_patch16_gap_224", "--weights", "pretrained"))
+    assert_failed_cleanly(code, err, out)
+    assert "no pretrained weights" in err
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "objects.pth")
+    code, _, err = cli(*fake(out, "--arch", "vit_tiny_patch16_224", "--weights", tmp_path / "objects.pth"))
+    assert_failed_cleanly(code, err, out)
+    assert "re-save" in err
+
+
 def test_pretrained_without_network_says_so_in_one_line(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as on a machine without network: nothing downloads
