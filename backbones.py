@@ -187,21 +187,21 @@ def timm_model(arch, weights, seed, image_size):
     if weights not in ("pretrained", "none") and not os.path.isfile(weights):
         raise HumeError(f"--weights {weights}: for timm's {arch} give pretrained, none or a .safetensors/.pth file")
     torch.manual_seed(seed)  # random init is reproducible
-    tagged = timm.list_models(pretrained=True)
-    if weights == "pretrained" and arch not in tagged and not any(n.startswith(arch + ".") for n in tagged):
-        raise HumeError(f"--weights pretrained: timm has no pretrained weights for {arch} (it would silently "
-                        "initialise it at random); pick a tagged name from timm.list_models(pretrained=True)")
     if weights == "pretrained":
-        log(f"{arch}: pretrained weights from the Hugging Face hub cache {hf_constants.HF_HUB_CACHE} "
-            "(downloaded there on first use)")
+        cfg = timm.models.get_pretrained_cfg(arch)  # a bare name: its default tag's
+        if not (cfg and (cfg.hf_hub_id or cfg.url)):
+            raise HumeError(f"--weights pretrained: timm has no pretrained weights for {arch} (it would silently "
+                            "initialise it at random); pick a tagged name from timm.list_models(pretrained=True)")
+        source = f"huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+        cache = hf_constants.HF_HUB_CACHE if cfg.hf_hub_id else torch.hub.get_dir()
+        log(f"{arch}: pretrained weights from {source}, cached in {cache} (downloaded on first use)")
         hf_logging.set_verbosity_error()  # one line below, not one warning per retry
         try:
             model = create_timm(arch, True, image_size)
-        except OSError as e:  # huggingface_hub's LocalEntryNotFoundError: no network and not cached
-            raise HumeError(f"--weights pretrained: {arch} is not in the Hugging Face hub cache and cannot be "
-                            f"downloaded (no network? {type(e).__name__}); on a machine with network run this "
-                            f"once, or fetch model.safetensors from huggingface.co/timm/{arch} and pass it as "
-                            "--weights FILE") from None
+        except OSError as e:  # no network and not cached (huggingface_hub's LocalEntryNotFoundError, URLError)
+            raise HumeError(f"--weights pretrained: {arch} is not in {cache} and cannot be downloaded (no network? "
+                            f"{type(e).__name__}); on a machine with network run this once, or fetch its weights "
+                            f"from {source} (model.safetensors) and pass them as --weights FILE") from None
     else:
         model = create_timm(arch, False, image_size)
     if weights not in ("pretrained", "none"):
