@@ -34,12 +34,13 @@ WRAPPERS = ("state_dict", "model", "teacher", "module", "network")  # MoCo, solo
 
 def build_backbone(arch, weights, seed=0, cifar_stem=False, image_size=None, mean=None, std=None):
     """(model, transform): model(images) -> (n, d) features, in eval mode; transform: PIL image -> tensor."""
-    if arch in torchvision.models.list_models(module=torchvision.models):
+    torchvision_names = torchvision.models.list_models(module=torchvision.models)
+    if arch in torchvision_names:
         model, registry = torchvision_model(arch, weights, seed, cifar_stem)
         return model, make_transform(registry, image_size, mean, std)
     if not is_timm(arch):
-        known = torchvision.models.list_models(module=torchvision.models) + timm.list_models(pretrained=True)
-        hint = difflib.get_close_matches(arch, known + timm.list_models(), n=3)
+        known = torchvision_names + timm.list_models() + timm.list_models(pretrained=True)
+        hint = difflib.get_close_matches(arch, known, n=3)
         raise HumeError(f"--arch {arch}: neither a torchvision classification model nor a timm model"
                         + (f"; did you mean {', '.join(hint)}?" if hint else "; see timm.list_models()"))
     if cifar_stem:

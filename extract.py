@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="resnet50",
                    help="a torchvision.models classification architecture (features: the penultimate layer) or a "
                         "timm model, bare or with its pretrained tag, e.g. vit_small_patch14_dinov2.lvd142m, "
-                        "vit_large_patch14_clip_quickgelu_224.openai (features: the pooled pre-logits embedding); a name in "
-                        "both is torchvision's")
+                        "vit_large_patch14_clip_quickgelu_224.openai (features: the pooled pre-logits embedding); "
+                        "a name in both is torchvision's")
     p.add_argument("--weights", required=True,
                    help="torchvision: a checkpoint file (plain, MoCo, DINO or solo-learn state_dict: prefixes such "
                         "as module.encoder_q. or backbone. are stripped) or a weights name "
