@@ -1,39 +1,36 @@
 r"""
 Turn images into the phi1/phi2 .npy arrays that hume.py reads, in the paper's layout:
-data/representations/NAME/{dataset}{split}[_l2].npy and data/labels/{dataset}{split}_targets.npy.
+data/representations/NAME/{dataset}{split}[_l2].npy, beside it the same name with .sources.txt (where each row
+came from: file path or data-set index), and data/labels/{dataset}{split}_targets.npy.
 
 phi1, a self-supervised model trained on the data set itself (MoCo v2 checkpoint; rows L2-normalised):
 $ python extract.py --dataset cifar10 --root ~/datasets --split train --arch resnet50 \
     --weights checkpoint_0199.pth.tar --out data/representations/mocov2/ --l2
-phi2, a large pretrained model from torchvision's registry (its own preprocessing is used):
+phi2, DINOv2 ViT-g/14 through timm (its own preprocessing; weights from the Hugging Face hub, cached):
+$ python extract.py --dataset cifar10 --root ~/datasets --split train --arch vit_giant_patch14_dinov2.lvd142m \
+    --weights pretrained --image_size 224 --out data/representations/dino/
+phi2, a torchvision model by its weights name:
 $ python extract.py --dataset cifar10 --root ~/datasets --split train --arch vit_h_14 \
     --weights ViT_H_14_Weights.IMAGENET1K_SWAG_LINEAR_V1 --out data/representations/swag/
 Offline smoke test (fake images, random weights):
 $ python extract.py --dataset fake --split train --arch resnet18 --weights none --image_size 32 \
     --out /tmp/hume_demo/data/representations/random/ --l2
 """
-import collections
-import difflib
 import os
 import pickle
 import time
 
 import numpy as np
 import torch
-import torchvision
 from numpy.lib.format import open_memmap
-from torch import nn
-from torchvision import datasets, transforms as T
+from torchvision import datasets
 from tqdm import tqdm
 
+from backbones import build_backbone
 from utils import HumeError, atomic_write, ensure_dir, l2_normalize, log, make_parser, run_cli
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any
-HEADS = ("fc", "classifier", "heads", "head")  # where torchvision models keep their classifier
-# Checkpoints holding two copies of the backbone: keep the one that evaluation code uses.
-PREFER, AVOID = ("encoder_q", "base_encoder", "teacher", "online"), ("encoder_k", "momentum", "target", "student")
 
 
 def parse_args(argv=None):
@@ -49,22 +46,33 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="let torchvision download the data set into --root")
     p.add_argument("--fake_size", type=int, default=1000, help="number of images of --dataset fake")
     p.add_argument("--name", help="file name prefix instead of the data set's name (outputs are NAME{split}.npy)")
-    p.add_argument("--arch", default="resnet50", help="any torchvision.models classification architecture")
+    p.add_argument("--arch", default="resnet50",
+                   help="a torchvision.models classification architecture (features: the penultimate layer) or a "
+                        "timm model, bare or with its pretrained tag, e.g. vit_small_patch14_dinov2.lvd142m, "
+                        "vit_large_patch14_clip_quickgelu_224.openai (features: the pooled pre-logits embedding); "
+                        "a name in both is torchvision's")
     p.add_argument("--weights", required=True,
-                   help="a checkpoint file (plain, MoCo, DINO or solo-learn state_dict: prefixes such as "
-                        "module.encoder_q. or backbone. are stripped), a torchvision weights name "
-                        "(ResNet50_Weights.IMAGENET1K_V2, or DEFAULT; from torch's cache, else downloaded), "
-                        "or none (random init, for tests)")
+                   help="torchvision: a checkpoint file (plain, MoCo, DINO or solo-learn state_dict: prefixes such "
+                        "as module.encoder_q. or backbone. are stripped) or a weights name "
+                        "(ResNet50_Weights.IMAGENET1K_V2, or DEFAULT; from torch's cache, else downloaded); timm: "
+                        "pretrained (from the Hugging Face hub cache, else downloaded) or a .safetensors/.pth "
+                        "state_dict of exactly that model; both: none (random init, for tests)")
     p.add_argument("--cifar_stem", action="store_true",
                    help="ResNets only: 3x3 stride-1 first conv (padding 2) and no max-pool, as solo-learn's "
                         "CIFAR checkpoints are trained")
-    p.add_argument("--image_size", type=int, help="resize the shorter side and centre-crop to this size; default: "
-                                                  "the torchvision weights' own preprocessing, else 224")
-    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the weights', else ImageNet)")
-    p.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the weights', else ImageNet)")
+    p.add_argument("--image_size", type=int,
+                   help="resize the shorter side and centre-crop to this size; default: the torchvision weights' "
+                        "own preprocessing, else 224; timm: the model's data config (DINOv2: 518), ViTs "
+                        "interpolating their position embeddings to other sizes")
+    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the weights' or the timm "
+                                                       "model's, else ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the weights' or the timm "
+                                                      "model's, else ImageNet)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true",
+                   help="autocast the model to bfloat16 on CPU, float16 on CUDA (features are stored as float32)")
     p.add_argument("--seed", type=int, default=0, help="seeds the random init of --weights none and --cifar_stem")
     p.add_argument("--l2", action="store_true", help="L2-normalise every row and add the _l2 suffix (do this for phi1)")
     p.add_argument("--out", required=True, help="output folder, e.g. data/representations/mocov2/ (created)")
@@ -100,133 +108,39 @@ def load_dataset(args, transform):
     return subsets[0] if len(subsets) == 1 else torch.utils.data.ConcatDataset(subsets)
 
 
+def row_sources(args, dataset):
+    """Where each row comes from, in row order: the image's absolute path (image folders: valid from any working
+    directory), else {dataset}:{split}:{index in that split}, e.g. cifar10:test:123."""
+    if args.dataset == "imagefolder":
+        sources = [os.path.abspath(path) for path, _ in dataset.samples]
+        odd = [s for s in sources if "\n" in s or "\r" in s]
+        if odd:
+            raise HumeError(f"--root {args.root}: file name with a line break ({odd[0]!r}); rename it")
+        return sources
+    subsets = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
+    splits = ["train", "test"] if len(subsets) == 2 else [args.split]
+    return [f"{args.dataset}:{split}:{i}" for split, ds in zip(splits, subsets) for i in range(len(ds))]
+
+
 def cifar100_coarse_labels(ds):
     """torchvision keeps only the 100 fine labels; the 20 superclasses are stored beside them in the same file."""
     with open(os.path.join(ds.root, ds.base_folder, "train" if ds.train else "test"), "rb") as f:
         return pickle.load(f, encoding="latin1")["coarse_labels"]
 
 
-def make_transform(weights, image_size, mean, std):
-    """The weights' own preprocessing when known and not overridden, else resize + centre crop + normalise."""
-    if weights is not None and image_size is None and mean is None and std is None:
-        return weights.transforms()
-    preset = weights.transforms() if weights is not None else None
-    return T.Compose([T.Resize(image_size or 224), T.CenterCrop(image_size or 224), T.ToTensor(),
-                      T.Normalize(mean or (preset.mean if preset else IMAGENET_MEAN),
-                                  std or (preset.std if preset else IMAGENET_STD))])
-
-
-# ---------------------------------------------------------------- model
-
-def build_model(arch, weights="none", seed=0, cifar_stem=False):
-    """A torchvision model that returns penultimate features; returns (model, torchvision weights or None)."""
-    known = torchvision.models.list_models(module=torchvision.models)
-    if arch not in known:
-        hint = difflib.get_close_matches(arch, known, n=3)
-        raise HumeError(f"--arch {arch}: not a torchvision classification model"
-                        + (f"; did you mean {', '.join(hint)}?" if hint else "; see torchvision.models.list_models()"))
-    registry = None
-    if weights != "none" and not os.path.isfile(weights):
-        enum = torchvision.models.get_model_weights(arch)
-        try:
-            registry = enum.verify(weights)
-        except KeyError:
-            raise HumeError(f"--weights {weights}: neither a file nor a weights name of {arch} (names: "
-                            f"{', '.join(w.name for w in enum)}, DEFAULT; or none)") from None
-    torch.manual_seed(seed)  # random init (--weights none, --cifar_stem) is reproducible
-    try:
-        model = torchvision.models.get_model(arch, weights=registry)
-    except OSError as e:  # no network and not in torch's cache
-        raise HumeError(f"--weights {weights}: not in torch's cache ({torch.hub.get_dir()}/checkpoints) and "
-                        f"cannot be downloaded ({e}); copy {registry.url} there or pass a file") from None
-    if cifar_stem:
-        if not isinstance(model, torchvision.models.ResNet):
-            raise HumeError(f"--cifar_stem: only for ResNets, not {arch}")
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=2, bias=False)
-        model.maxpool = nn.Identity()
-    head = strip_head(model, arch)
-    if registry is None and weights != "none":
-        load_checkpoint(model, weights, head, arch)
-    return model.eval(), registry
-
-
-def strip_head(model, arch):
-    """Replace the classifier's last Linear by Identity, so the model outputs the layer before it.
-    Returns the removed layer's state_dict prefix (e.g. "fc.", "classifier.6.", "heads.head.")."""
-    for name in HEADS:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            setattr(model, name, nn.Identity())
-            return name + "."
-        linears = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)] if head is not None else []
-        if linears:
-            parent, _, leaf = linears[-1].rpartition(".")
-            setattr(head.get_submodule(parent), leaf, nn.Identity())
-            return f"{name}.{linears[-1]}."
-    raise HumeError(f"--arch {arch}: no linear classifier head found ({'/'.join(HEADS)}); pick another architecture")
-
-
-def load_checkpoint(model, path, head, arch):
-    """Load a backbone from a checkpoint file whose keys may carry a wrapper prefix; fail on any mismatch."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: never runs pickled code
-    except pickle.UnpicklingError:
-        raise HumeError(f"--weights {path}: holds Python objects besides tensors; re-save only its weights, "
-                        "e.g. torch.save(ckpt['state_dict'], 'clean.pth')") from None
-    except Exception as e:
-        raise HumeError(f"--weights {path}: cannot be read as a torch checkpoint ({type(e).__name__})") from None
-    for key in ("state_dict", "model", "teacher", "module", "network"):  # MoCo, solo-learn, DINO wrappers
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-    own = model.state_dict()
-    tensors = {k: v for k, v in ckpt.items() if torch.is_tensor(v)} if isinstance(ckpt, dict) else {}
-    prefix = best_prefix(tensors, own)
-    if prefix is None:
-        raise HumeError(f"--weights {path}: none of its tensors fits --arch {arch}; "
-                        "is it a checkpoint of another architecture?")
-    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    n_head = sum(k.startswith(head) for k in sd)
-    sd = {k: v for k, v in sd.items() if not k.startswith(head)}
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    reshaped = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own
-                and v.shape != own[k].shape]
-    modules = {k.split(".")[0] for k in own}
-    unexpected = [k for k in sd if k not in own]
-    foreign = [k for k in unexpected if k.split(".")[0] in modules]  # extra blocks inside the model's own modules
-    if missing or reshaped or foreign:
-        stem = any(r.startswith("conv1.weight") for r in reshaped)  # CIFAR ResNets have a 3x3 first conv
-        raise HumeError(f"--weights {path} does not fit --arch {arch}: {len(reshaped)} tensors of other shapes"
-                        f"{eg(reshaped)}, {len(missing)} missing{eg(missing)}, {len(foreign)} extra{eg(foreign)}; "
-                        "is it a checkpoint of another architecture" + ("? (add --cifar_stem)" if stem else "?"))
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    log(f"loaded {len(sd) - len(unexpected)} tensors from {path} (prefix '{prefix}' stripped); ignored "
-        f"{n_head} classifier-head and {len(tensors) - len(sd) - n_head} other tensors; missing: none; "
-        f"unexpected: {len(unexpected)}{eg(unexpected)}")
-
-
-def best_prefix(tensors, own):
-    """The key prefix whose removal matches most of the model's keys (ties: PREFER over AVOID, shortest)."""
-    hits = collections.Counter(k[:i] for k in tensors for i in [0] + [j + 1 for j, c in enumerate(k) if c == "."]
-                               if k[i:] in own)
-    if not hits:
-        return None
-    return max(hits, key=lambda p: (hits[p], any(w in p for w in PREFER), -any(w in p for w in AVOID), -len(p)))
-
-
-def eg(keys):
-    return f" (e.g. {', '.join(keys[:3])})" if keys else ""
-
-
 # ---------------------------------------------------------------- extraction
 
-def extract(model, loader, n, path, device, l2, arch):
+def extract(model, loader, n, path, device, l2, arch, amp):
     """Write the model's features of all n images into a memory-mapped float32 .npy at path, batch by batch,
     so that the array never sits in RAM. Returns the labels (n,), int64."""
     feats, labels, start = None, np.empty(n, dtype=np.int64), 0
-    with torch.inference_mode():
+    kind = torch.device(device).type
+    autocast = torch.autocast(kind, dtype=torch.bfloat16 if kind == "cpu" else torch.float16, enabled=amp)
+    with torch.inference_mode(), autocast:
         for images, targets in tqdm(loader, desc=os.path.basename(path), unit="batch", disable=None):
             try:
-                x = model(images.to(device, non_blocking=True)).flatten(1).float().cpu().numpy()
+                images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+                x = model(images).flatten(1).float().cpu().numpy()
             except (RuntimeError, AssertionError, ValueError) as e:  # wrong input size (ViT asserts), GPU memory
                 if feats is not None:
                     raise
@@ -260,17 +174,25 @@ def main(argv=None):
     stem = f"{args.name or args.dataset}{args.split}"
     feat_path = os.path.join(out, stem + ("_l2" if args.l2 else "") + ".npy")
     label_path = os.path.join(labels_dir, stem + "_targets.npy")
+    sources_path = feat_path[:-len(".npy")] + ".sources.txt"
 
-    model, registry = build_model(args.arch, args.weights, args.seed, args.cifar_stem)
-    dataset = load_dataset(args, make_transform(registry, args.image_size, args.mean, args.std))
+    model, transform = build_backbone(args.arch, args.weights, args.seed, args.cifar_stem, args.image_size,
+                                      args.mean, args.std)
+    dataset = load_dataset(args, transform)
     if len(dataset) == 0:
         raise HumeError(f"--dataset {args.dataset} --split {args.split}: no images")
+    sources = row_sources(args, dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"))
-    model.to(args.device)
+    model.to(args.device, memory_format=torch.channels_last)  # NHWC: faster convolutions, ViTs unaffected
+
+    def write_sources(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(s + "\n" for s in sources)
 
     def write(tmp):
-        labels = extract(model, loader, len(dataset), tmp, args.device, args.l2, args.arch)
+        labels = extract(model, loader, len(dataset), tmp, args.device, args.l2, args.arch, args.amp)
+        atomic_write(sources_path, write_sources)
         if labels.min() >= 0:  # torchvision marks unlabeled images (STL-10 unlabeled) with -1
             atomic_write(label_path, lambda t: np.save(t, labels))
             log(f"labels: {label_path} ({len(np.unique(labels))} classes)")
@@ -283,7 +205,7 @@ def main(argv=None):
     seconds = time.time() - t0
     shape = np.load(feat_path, mmap_mode="r").shape
     log(f"wrote {feat_path}: {shape[0]} x {shape[1]} float32 in {seconds:.1f} s "
-        f"({shape[0] / seconds:.0f} images/s on {args.device})")
+        f"({shape[0] / seconds:.1f} images/s on {args.device})")
 
 
 if __name__ == "__main__":
