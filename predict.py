@@ -164,7 +164,8 @@ def main(argv=None):
         log("against --gt_labels_path: " + "  ".join(f"{m.upper()} {v:.4f}" for m, v in all_metrics(y, vote).items()),
             args.quiet)
     if plan:
-        log(f"{len(plan)} files {'copied' if args.copy else 'linked'} into {args.sort_into}/cluster_*/", args.quiet)
+        log(f"{len(plan)} files {'copied' if args.copy else 'linked'} into "
+            f"{os.path.join(args.sort_into, 'cluster_*')}", args.quiet)
 
 
 if __name__ == "__main__":
