@@ -260,3 +260,18 @@ def test_montage_of_the_folder_has_a_row_per_cluster_of_the_labels(run, tmp_path
     rows = [line.split("clusters ")[1].split() for line in out.splitlines() if "rows: clusters" in line]
     assert rows == [[str(c) for c in np.unique(np.load(tmp_path / "labels.npy"))]]
     assert os.path.isfile(tmp_path / "mine_montage.png")
+
+
+def test_a_failure_while_sorting_removes_what_it_created(run, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_symlink(src, dst):  # the disk fills up at the fifth file
+        calls.append(dst)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device", dst)
+        os.close(os.open(dst, os.O_CREAT | os.O_WRONLY))
+    monkeypatch.setattr(predict.os, "symlink", failing_symlink)
+    code, _, err = cli(predict.main, ["--tasks_path", run["tasks"], "--phi1_path", run["phi1"], "--out",
+                                      tmp_path / "labels", "--sort_into", tmp_path / "deep" / "sorted"])
+    assert code == 2 and len(err.splitlines()) == 1 and "No space left on device" in err
+    assert sorted(os.listdir(tmp_path)) == []  # no files, no folders, no labels
