@@ -27,10 +27,9 @@ from tqdm import tqdm
 
 from metrics import cluster_acc, ensemble
 from model import find_tasks, task_predictions
+from selection import allocate, pick
 from utils import (DEMO, HumeError, atomic_write, check_rows, json_save, l2_normalize, load_array, load_labels, log,
                    make_parser, run_cli, warn)
-
-MAX_POINTS = 5000  # larger clusters are represented by a fixed random sample of this many points (memory: m^2)
 
 
 def build_parser():
@@ -54,7 +53,7 @@ def build_parser():
     return p
 
 
-# ---------------------------------------------------------------- clusters and picks
+# ---------------------------------------------------------------- clusters
 
 def ensemble_clusters(phi1, tasks_path):
     """evaluate.py's ensemble labeling of phi1: tasks aligned (Hungarian) to the best-CV task, majority vote."""
@@ -62,45 +61,9 @@ def ensemble_clusters(phi1, tasks_path):
     return ensemble(preds, cv)[1]
 
 
-def allocate(sizes, budget):
-    """Samples per cluster: one each (the largest clusters first if budget < #clusters), the rest one at a time to
-    the cluster furthest below its share size * budget / n, never more than a cluster holds."""
-    sizes = np.asarray(sizes)
-    counts = np.zeros(len(sizes), dtype=np.int64)
-    counts[np.argsort(-sizes, kind="stable")[:budget]] = 1
-    share = sizes * budget / sizes.sum()
-    for _ in range(budget - counts.sum()):
-        counts[np.argmax(np.where(counts < sizes, share - counts, -np.inf))] += 1
-    return counts
-
-
-def pick_in_cluster(z, count):
-    """Greedy picks (local indices, in order) minimising sum_i min_{p in picks} ||z_i - z_p||^2 over the cluster.
-    With squared distances the first pick is exactly the point closest to the cluster mean."""
-    sq = (z * z).sum(1)
-    D = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)  # (m, m) squared distances
-    cover = np.full(len(z), np.inf)  # each point's squared distance to its nearest pick so far
-    picks = []
-    for _ in range(count):
-        cost = np.minimum(cover[:, None], D).sum(0)  # the cluster's cost if point j were picked next
-        cost[picks] = np.inf
-        j = int(np.argmin(cost))
-        picks.append(j)
-        cover = np.minimum(cover, D[:, j])
-    return picks
-
-
-def pick(clusters, phi2, budget, quiet=True):
-    """[(index, cluster, rank)] of `budget` points, ordered by cluster then rank (1 = most representative)."""
-    z = l2_normalize(np.asarray(phi2, dtype=np.float64))
-    ids, sizes = np.unique(clusters, return_counts=True)
-    rows = []
-    for c, count in tqdm(list(zip(ids, allocate(sizes, budget))), desc="picking", disable=True if quiet else None):
-        members = np.flatnonzero(clusters == c)
-        if len(members) > MAX_POINTS:
-            members = np.sort(np.random.default_rng(0).choice(members, MAX_POINTS, replace=False))
-        rows += [(int(members[j]), int(c), r + 1) for r, j in enumerate(pick_in_cluster(z[members], count))]
-    return rows
+def spread(clusters, budget):
+    """The budget's samples per cluster (np.unique order): in proportion to size, at least one each if possible."""
+    return allocate(np.unique(clusters, return_counts=True)[1], budget)
 
 
 # ---------------------------------------------------------------- naming
@@ -200,7 +163,7 @@ def simulate(clusters, phi2, y, per_cluster, quiet=True):
     rows = []
     for b in tqdm(per_cluster, desc="simulate", disable=True if quiet else None):
         budget = min(b * n_clusters, len(y))
-        labelled = {i: int(y[i]) for i, _, _ in pick(clusters, phi2, budget)}
+        labelled = {i: int(y[i]) for i, _, _ in pick(clusters, phi2, spread(clusters, budget))}
         named = named_labeling(clusters, name_clusters(clusters, labelled, phi2))
         rows.append({"per_cluster": b, "budget": budget, "acc": float(np.mean(named == y))})
     return rows
@@ -237,7 +200,7 @@ def main(argv=None):
     k = len(np.unique(clusters))
     if args.budget is not None:
         out = args.out or "picks.csv"
-        rows = pick(clusters, phi2, args.budget, args.quiet)
+        rows = pick(clusters, phi2, spread(clusters, args.budget), args.quiet)
         write_picks(rows, out)
         log(f"{len(rows)} samples from {len({c for _, c, _ in rows})} of {k} clusters -> {out}; fill in the label "
             f"column and run: python annotate.py --apply {out}", args.quiet)

@@ -77,8 +77,15 @@ def cv_score(features, y_pred, folds=10, seed=1):
         return float(np.mean(cross_val_score(clf, features, y_pred, cv=cv, scoring="accuracy")))
 
 
-def ensemble(preds, cv):
-    """The paper's ensemble: align every task's predictions ({seed: labels}) to the best-CV task's with the
-    Hungarian algorithm, then take the per-point majority vote. Returns (best seed, ensemble labels)."""
+def align_tasks(preds, cv):
+    """Every task's predictions ({seed: labels}) aligned to the best-CV task's with the Hungarian algorithm.
+    Returns (best seed, {seed: aligned labels})."""
     best = max(cv, key=cv.get)
-    return best, majority_vote([align_to(preds[s], preds[best]) for s in preds])
+    return best, {s: align_to(preds[s], preds[best]) for s in preds}
+
+
+def ensemble(preds, cv):
+    """The paper's ensemble: every task aligned to the best-CV task (align_tasks), then the per-point majority
+    vote. Returns (best seed, ensemble labels)."""
+    best, aligned = align_tasks(preds, cv)
+    return best, majority_vote(list(aligned.values()))

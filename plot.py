@@ -10,7 +10,16 @@ Writes {prefix}_curves.png (outer loss and ACC/ARI/NMI per iteration from metric
 CV score pick good tasks?) and {prefix}_cluster_sizes.png into --out, and prints their paths. Without
 --phi1_path, the evaluation points and labels are those recorded in results_{seed}.pickle. Without labels, the
 figures that need them are skipped with a note. The ensemble is evaluate.py's: tasks matched to the best-CV task,
-then a majority vote. Bad inputs end with one line on stderr and exit code 2.
+then a majority vote.
+
+    python plot.py --montage --tasks_path tasks/mine/ --phi1_path data/representations/resnet/minetrain_l2.npy \
+        --phi2_path data/representations/swag/minetrain.npy --out figures/ --prefix mine
+
+--montage draws, instead, what is in each cluster (montage.py): a row per non-empty cluster with its size and
+--per_cluster members picked as annotate.py picks them (representative, diverse; in --phi2_path when given, else in
+phi1), as thumbnails of their image files (from NAME.sources.txt beside the phi1 file NAME.npy, or --sources). For
+data without images, --texts FILE (a line per row) prints the members' texts instead. Bad inputs end with one line
+on stderr and exit code 2.
 """
 import json
 import os
@@ -23,8 +32,9 @@ from matplotlib.ticker import MaxNLocator
 from metrics import align_to, all_metrics, cluster_acc, contingency
 from metrics import ensemble as vote_ensemble
 from model import find_tasks, task_predictions
-from utils import (HumeError, atomic_write, ensure_dir, load_array, load_labels, load_results, log, make_parser,
-                   run_cli)
+import montage
+from utils import (HumeError, atomic_write, check_rows, check_source_files, ensure_dir, find_sources, load_array,
+                   load_labels, load_results, load_sources, log, make_parser, run_cli, sources_path)
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100
@@ -40,6 +50,15 @@ def build_parser():
     p.add_argument("--phi1_path", help="phi1 of the evaluation points; default: as recorded by hume.py")
     p.add_argument("--gt_labels_path", help="labels of those points (for the figures that need them); "
                    "default: as recorded by hume.py when --phi1_path is not given")
+    p.add_argument("--montage", action="store_true", help="instead, draw what is in each cluster: a row per non-empty "
+                   "cluster, its size and a few representative, diverse members as thumbnails of their images, in "
+                   f"{{prefix}}_montage.png (more than {montage.ROWS_PER_PAGE} clusters: _montage_1.png, _2, ...)")
+    p.add_argument("--phi2_path", help="--montage: pick the members in this space (same rows); default: phi1")
+    p.add_argument("--sources", help="--montage: the rows' image files, one a line; default: NAME.sources.txt "
+                   "beside the phi1 file NAME.npy (extract.py writes it)")
+    p.add_argument("--texts", help="--montage, for data without images: a text per row, one a line; prints a few "
+                   "members of each cluster instead of drawing")
+    p.add_argument("--per_cluster", type=int, default=8, help="--montage: members shown per cluster")
     return p
 
 
@@ -86,7 +105,7 @@ def evaluation_data(args, tasks):
     log(f"evaluation points: {phi1_path} (from {source})")
     phi1 = load_array(phi1_path, "--phi1_path")
     y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if labels_path else None
-    return phi1, y
+    return phi1_path, phi1, y
 
 
 def ensemble(phi1, tasks):
@@ -204,14 +223,52 @@ def save(fig, path):
     log(path)
 
 
+def draw_montage(args, tasks, prefix):
+    """plot.py --montage: the member thumbnails of every cluster (or, with --texts, their texts in the terminal)."""
+    if args.per_cluster < 1:
+        raise HumeError(f"--per_cluster must be >= 1, got {args.per_cluster}")
+    phi1_path, phi1, _ = evaluation_data(args, tasks)
+    phi = load_array(args.phi2_path, "--phi2_path") if args.phi2_path else phi1
+    check_rows([("--phi1_path", phi1), ("--phi2_path", phi)])
+    if args.texts:
+        texts = load_sources(args.texts, len(phi1), "--texts")
+    else:
+        sources = find_sources(args.sources, phi1_path, len(phi1))
+        if sources is None:
+            raise HumeError(f"--montage: no {sources_path(phi1_path)} (extract.py writes it beside the array): give "
+                            "the images with --sources FILE, or --texts FILE for data without images")
+        check_source_files(sources, "--montage")
+    _, _, _, vote, k = ensemble(phi1, tasks)
+    rows = montage.groups(vote, phi, args.per_cluster)
+    if args.texts:
+        log("\n".join(montage.text_rows(rows, texts)))
+        return
+    images = montage.thumbnails(rows, sources, DPI)
+    ensure_dir(args.out, "--out")
+    paged = montage.pages(rows)
+    for p, page in enumerate(paged, 1):
+        title = (f"{len(rows)} non-empty clusters of k = {k}: size and up to {args.per_cluster} representative, "
+                 f"diverse members (picked in {'phi2' if args.phi2_path else 'phi1'})" +
+                 (f", page {p} of {len(paged)}" if len(paged) > 1 else ""))
+        save(montage.draw_page(page, images, args.per_cluster, DPI, title),
+             os.path.join(args.out, f"{prefix}_montage{f'_{p}' if len(paged) > 1 else ''}.png"))
+        log(f"  rows: clusters {' '.join(str(c) for c, _, _ in page)}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    montage_only = [f for f, v in (("--phi2_path", args.phi2_path), ("--sources", args.sources),
+                                   ("--texts", args.texts)) if v]
+    if montage_only and not args.montage:
+        raise HumeError(f"{montage_only[0]} is a --montage option; add --montage")
     tasks = find_tasks(args.tasks_path)
+    prefix = args.prefix or os.path.basename(os.path.normpath(os.path.abspath(args.tasks_path)))
+    if args.montage:
+        return draw_montage(args, tasks, prefix)
     runs = read_metrics(args.tasks_path)
-    phi1, y = evaluation_data(args, tasks)
+    _, phi1, y = evaluation_data(args, tasks)
     preds, cv, best, vote, k = ensemble(phi1, tasks)
     ensure_dir(args.out, "--out")
-    prefix = args.prefix or os.path.basename(os.path.normpath(os.path.abspath(args.tasks_path)))
     path = {name: os.path.join(args.out, f"{prefix}_{name}.png") for name in FIGSIZE}
     if y is None:
         log("note: no ground-truth labels: skipped the confusion matrix and CV-vs-ACC figures (give --phi1_path "

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import sys
 import tempfile
 
@@ -127,6 +128,45 @@ def check_rows(arrays):
     if len(set(rows.values())) > 1:
         detail = ", ".join(f"{flag} has {r}" for flag, r in rows.items())
         raise HumeError(f"row counts differ ({detail}); every array must hold the same points in the same order")
+
+
+def sources_path(npy_path):
+    """Where extract.py writes the provenance of NAME.npy's rows: NAME.sources.txt beside it."""
+    return npy_path[:-len(".npy")] + ".sources.txt" if npy_path.endswith(".npy") else npy_path + ".sources.txt"
+
+
+def load_sources(path, n, flag="--sources"):
+    """The source of each of n rows (one line a row: an image file's path, or DATASET:SPLIT:INDEX)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HumeError(f"{flag} {path}: cannot be read as a text file ({type(e).__name__}: {e})") from None
+    if len(lines) != n:
+        raise HumeError(f"{flag} {path}: {len(lines)} lines for {n} rows; it must list the rows' sources one a line, "
+                        "in the order of the array (was it written for another array?)")
+    return lines
+
+
+def check_source_files(sources, flag):
+    """Refuse sources that are not files: data-set rows (extract.py's DATASET:SPLIT:INDEX) or moved files."""
+    missing = [s for s in sources if not os.path.isfile(s)]
+    if missing and re.fullmatch(r"[\w.-]+:\w+:\d+", missing[0]):
+        raise HumeError(f"{flag}: the sources are data-set rows (e.g. {missing[0]}), not image files; this needs "
+                        "images from a folder (extract.py --dataset imagefolder)")
+    if missing:
+        raise HumeError(f"{flag}: {len(missing)} of {len(sources)} sources are not files (first: {missing[0]}); "
+                        "were they moved since the extraction?")
+
+
+def find_sources(explicit, npy_path, n):
+    """The rows' sources: from --sources when given, else from NAME.sources.txt beside NAME.npy, else None."""
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise HumeError(f"--sources: file not found: {explicit}")
+        return load_sources(explicit, n)
+    beside = sources_path(npy_path)
+    return load_sources(beside, n, "sources file") if os.path.isfile(beside) else None
 
 
 def l2_normalize(x):

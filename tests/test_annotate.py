@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import annotate
+import selection
 from helpers import describe, hungarian_acc, run_chain_in_process, save_npy, write_paper_task
 from utils import HumeError
 
@@ -67,7 +68,7 @@ def test_allocation_spends_the_budget_exactly_and_gives_every_cluster_one_when_i
     for _ in range(200):
         sizes = rng.integers(1, 40, size=rng.integers(1, 9))
         budget = int(rng.integers(1, sizes.sum() + 1))
-        counts = annotate.allocate(sizes, budget)
+        counts = selection.allocate(sizes, budget)
         assert counts.sum() == budget and np.all(counts <= sizes)
         if budget >= len(sizes):
             assert counts.min() >= 1
@@ -77,7 +78,7 @@ def test_allocation_spends_the_budget_exactly_and_gives_every_cluster_one_when_i
 
 def test_greedy_picks_start_at_the_centre_and_each_minimises_the_brute_force_kmeans_cost():
     z = np.random.default_rng(1).normal(size=(25, 3))
-    picks = annotate.pick_in_cluster(z, 5)
+    picks = selection.pick_in_cluster(z, 5)
     assert picks[0] == np.argmin(((z - z.mean(0)) ** 2).sum(1))
     for r in range(1, 5):
         def cost(j):

@@ -1,0 +1,172 @@
+"""Write out the ensemble's labeling of any points, the training points or new ones never seen in training, and
+optionally sort their files into one folder per cluster.
+
+    python predict.py --tasks_path tasks/mine/ --phi1_path data/representations/resnet/minetrain_l2.npy \
+        --out labels/mine --sort_into sorted/mine/
+    python predict.py --tasks_path tasks/mine/ --phi1_path data/representations/resnet/newtrain_l2.npy \
+        --align_on data/representations/resnet/minetrain_l2.npy --out labels/new      # a few new images
+    python predict.py --tasks_path tasks/demo/ --phi1_path data/representations/pca/digitstest_l2.npy \
+        --gt_labels_path data/labels/digitstest_targets.npy --out digits_test
+
+Writes PREFIX.npy (int64, the cluster of each row) and PREFIX.csv with the columns row, cluster, agreement (the
+share of the tasks whose aligned prediction is the vote: how sure the ensemble is), class (with --gt_labels_path:
+the class the cluster is matched to, Hungarian; empty for a cluster left without one) and source (when known: from
+NAME.sources.txt beside NAME.npy, as extract.py writes it, or --sources). The clusters are evaluate.py's ensemble:
+each saved task encoder labels the points (argmax phi1 W^T, so new points need no retraining), every task is
+matched to the best-CV task, and each point takes the majority vote. The matching is made on the points being
+labelled; --align_on PHI1 makes it on those points and the training points together, so a handful of new points
+get the clusters' numbers of the training points. --sort_into DIR places each source file into DIR/cluster_XX/
+(symlinks; --copy to copy). Nothing is overwritten: an existing output stops the run before anything is written.
+Bad inputs end with one line on stderr and exit code 2.
+"""
+import csv
+import os
+import re
+import shutil
+
+import numpy as np
+
+from metrics import align_tasks, align_to, all_metrics, majority_vote
+from model import find_tasks, task_predictions
+from utils import (HumeError, atomic_write, check_source_files, ensure_dir, find_sources, load_array, load_labels,
+                   log, make_parser, run_cli)
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--tasks_path", required=True, help="folder of tasks written by hume.py (linear_task_{seed}.pt)")
+    p.add_argument("--phi1_path", required=True, help="phi1 of the points to label (training points or new ones), "
+                   "in the space the tasks were trained in")
+    p.add_argument("--out", required=True, help="PREFIX: writes PREFIX.npy and PREFIX.csv (folder created)")
+    p.add_argument("--align_on", metavar="PHI1", help="phi1 of the training points: match the tasks on them too "
+                   "(use it when labelling few new points)")
+    p.add_argument("--gt_labels_path", help="true labels of the points: adds the matched class column and prints "
+                   "ACC/ARI/NMI")
+    p.add_argument("--sources", help="the rows' sources, one a line; default: NAME.sources.txt beside --phi1_path")
+    p.add_argument("--sort_into", metavar="DIR", help="place every source file into DIR/cluster_XX/")
+    p.add_argument("--copy", action="store_true", help="--sort_into: copy the files instead of symlinking them")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    return p
+
+
+def ensemble_labels(phi1, tasks, ref=None):
+    """The ensemble's cluster per point, the share of tasks agreeing with it, and k. With ref (phi1 of other
+    points), the tasks are matched to the best-CV task on phi1 and ref together."""
+    both = phi1 if ref is None else np.concatenate([phi1, ref])
+    preds, cv, k = task_predictions(both, tasks)
+    _, aligned = align_tasks(preds, cv)
+    vote = majority_vote(list(aligned.values()))
+    agreement = np.mean([a == vote for a in aligned.values()], axis=0)
+    return vote[:len(phi1)], agreement[:len(phi1)], k
+
+
+def matched_classes(vote, y):
+    """The class each point's cluster is matched to (Hungarian), or "" for a cluster left without a class."""
+    aligned, classes = align_to(vote, y), set(np.unique(y).tolist())
+    return [c if c in classes else "" for c in aligned.tolist()]
+
+
+def write_labels(prefix, vote, agreement, classes, sources):
+    def write_npy(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, vote.astype(np.int64), allow_pickle=False)
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "cluster", "agreement"] + ["class"] * (classes is not None) +
+                       ["source"] * (sources is not None))
+            for i, (c, a) in enumerate(zip(vote.tolist(), agreement.tolist())):
+                w.writerow([i, c, f"{a:.3f}"] + ([classes[i]] if classes is not None else []) +
+                           ([sources[i]] if sources is not None else []))
+    atomic_write(prefix + ".npy", write_npy)
+    atomic_write(prefix + ".csv", write_csv)
+
+
+# ---------------------------------------------------------------- sorting files
+
+def sort_plan(vote, sources, folder, k):
+    """[(source file, destination)]: DIR/cluster_XX/NAME, XX zero-padded to the width of k. A name that occurs
+    twice in one cluster gets its row number in front. Refuses, before anything exists, anything it would clobber."""
+    if sources is None:
+        raise HumeError("--sort_into needs the rows' files: no sources file beside --phi1_path (extract.py writes "
+                        "NAME.sources.txt beside NAME.npy); give one with --sources")
+    check_source_files(sources, "--sort_into")
+    width = len(str(max(k, int(vote.max()) + 1)))
+    names = [os.path.basename(s) for s in sources]
+    seen = {}
+    for c, name in zip(vote.tolist(), names):
+        seen[c, name] = seen.get((c, name), 0) + 1
+    plan = []
+    for i, (c, src, name) in enumerate(zip(vote.tolist(), sources, names)):
+        name = f"{i}_{name}" if seen[c, name] > 1 else name
+        plan.append((os.path.abspath(src), os.path.join(folder, f"cluster_{c:0{width}d}", name)))
+    dsts = [d for _, d in plan]
+    if len(set(dsts)) < len(dsts):
+        raise HumeError(f"--sort_into {folder}: two files would get the same name; rename one of them")
+    taken = [p for p in [folder] + sorted({os.path.dirname(d) for d in dsts}) if os.path.lexists(p) and
+             not os.path.isdir(p)] + [d for d in dsts if os.path.lexists(d)]
+    if taken:
+        raise HumeError(f"--sort_into {folder}: {taken[0]} exists ({len(taken)} in all) and would be overwritten; "
+                        "nothing was written: choose a new folder")
+    return plan
+
+
+def sort_files(plan, copy, folder):
+    """Link (or copy) every file as planned; on a failure, remove whatever this call created."""
+    dirs, files = [], []
+
+    def make_dir(path):
+        if not os.path.isdir(path):
+            make_dir(os.path.dirname(path))
+            os.mkdir(path)
+            dirs.append(path)
+    try:
+        for src, dst in plan:
+            make_dir(os.path.dirname(os.path.abspath(dst)))
+            (shutil.copy2 if copy else os.symlink)(src, dst)
+            files.append(dst)
+    except OSError as e:
+        for path in reversed(files):
+            os.remove(path)
+        for path in reversed(dirs):
+            os.rmdir(path)
+        raise HumeError(f"--sort_into {folder}: {e.strerror or e} ({e.filename}); nothing was left behind") from None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.copy and not args.sort_into:
+        raise HumeError("--copy needs --sort_into DIR (it copies the files there instead of linking them)")
+    prefix = re.sub(r"\.(npy|csv)$", "", args.out)
+    existing = [p for p in (prefix + ".npy", prefix + ".csv") if os.path.lexists(p)]
+    if existing:
+        raise HumeError(f"--out {args.out}: {existing[0]} exists; nothing was written: remove it or choose another "
+                        "--out")
+    phi1 = load_array(args.phi1_path, "--phi1_path")
+    ref = load_array(args.align_on, "--align_on") if args.align_on else None
+    if ref is not None and ref.shape[1] != phi1.shape[1]:
+        raise HumeError(f"--align_on {args.align_on}: dimension {ref.shape[1]}, but --phi1_path has {phi1.shape[1]}; "
+                        "both must be in the space the tasks were trained in")
+    y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
+    sources = find_sources(args.sources, args.phi1_path, len(phi1))
+    vote, agreement, k = ensemble_labels(phi1, find_tasks(args.tasks_path), ref)
+    plan = sort_plan(vote, sources, args.sort_into, k) if args.sort_into else None
+    if os.path.dirname(prefix):
+        ensure_dir(os.path.dirname(prefix), "--out")
+    if plan:
+        sort_files(plan, args.copy, args.sort_into)
+    write_labels(prefix, vote, agreement, None if y is None else matched_classes(vote, y), sources)
+    ids, sizes = np.unique(vote, return_counts=True)
+    log(f"{len(vote)} points in {len(ids)} clusters (k = {k}; sizes {dict(zip(ids.tolist(), sizes.tolist()))}), "
+        f"mean agreement {agreement.mean():.3f} -> {prefix}.npy, {prefix}.csv", args.quiet)
+    if y is not None:
+        log("against --gt_labels_path: " + "  ".join(f"{m.upper()} {v:.4f}" for m, v in all_metrics(y, vote).items()),
+            args.quiet)
+    if plan:
+        log(f"{len(plan)} files {'copied' if args.copy else 'linked'} into "
+            f"{os.path.join(args.sort_into, 'cluster_*')}", args.quiet)
+
+
+if __name__ == "__main__":
+    run_cli(main)
