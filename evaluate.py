@@ -8,15 +8,15 @@ Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py
 Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
+import math
 import os
-import pickle
 import re
 
 import numpy as np
 import torch
 
-from utils import (DEMO, HumeError, align_to, all_metrics, ensure_dir, json_save, load_array, load_labels, log,
-                   majority_vote, make_parser, run_cli)
+from utils import (DEMO, HumeError, align_to, all_metrics, check_output_file, json_save, load_array, load_labels,
+                   load_results, log, majority_vote, make_parser, run_cli)
 
 TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
 
@@ -72,17 +72,13 @@ def load_task(path, d1):
 
 
 def load_cv_score(path):
-    try:
-        with open(path, "rb") as f:
-            return float(pickle.load(f)["CV_Score"])
-    except Exception as e:
-        raise HumeError(f"{path}: cannot read its CV_Score ({type(e).__name__}: {e})") from None
+    return load_results(path)["CV_Score"]  # restricted unpickler: a hostile pickle cannot run code
 
 
 def ensemble(preds, cv):
     """The paper's ensemble: align every task's predictions ({seed: labels}) to the best-CV task's with the
     Hungarian algorithm, then take the per-point majority vote. Returns (best seed, ensemble labels)."""
-    best = max(cv, key=cv.get)
+    best = max(cv, key=lambda s: (math.isfinite(cv[s]), cv[s] if math.isfinite(cv[s]) else 0.0))  # never NaN/inf
     return best, majority_vote([align_to(preds[s], preds[best]) for s in preds])
 
 
@@ -91,15 +87,23 @@ def untrained_inner(res_path):
     hypergrad.DROP_MIN at the first iteration): such a task was searched without signal. False for the paper's
     pickles, which carry no diagnosis."""
     from hypergrad import DROP_MIN
-    with open(res_path, "rb") as f:
-        first = (pickle.load(f).get("inner_fit") or {}).get("first")
-    return bool(first) and first["ce_drop"] < DROP_MIN
+    fit = load_results(res_path).get("inner_fit")
+    first = fit.get("first") if isinstance(fit, dict) else None
+    drop = first.get("ce_drop") if isinstance(first, dict) else None
+    return isinstance(drop, (int, float)) and drop < DROP_MIN
 
 
 def task_predictions(phi1, tasks):
     """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks."""
     phi1 = torch.from_numpy(phi1)
     W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
+    by_k = {}
+    for s, w in W.items():
+        by_k.setdefault(w.shape[0], []).append(str(s))
+    if len(by_k) > 1:
+        mix = "; ".join(f"k={k}: seeds {', '.join(seeds)}" for k, seeds in sorted(by_k.items()))
+        raise HumeError(f"--tasks_path {os.path.dirname(next(iter(tasks.values()))[0])}: mixes tasks of different k "
+                        f"({mix}); keep one k per folder")
     preds = {s: (phi1 @ W[s].T).argmax(1).numpy() for s in tasks}
     cv = {s: load_cv_score(res_path) for s, (_, res_path) in tasks.items()}
     return preds, cv, max(w.shape[0] for w in W.values())
@@ -147,8 +151,8 @@ def main(argv=None):
     if args.phi1_path is None:
         args.phi1_path = DEMO["phi1_test"]
         args.gt_labels_path = args.gt_labels_path or DEMO["labels_test"]
-    if args.json and os.path.dirname(args.json):
-        ensure_dir(os.path.dirname(args.json), "--json")
+    if args.json:
+        check_output_file(args.json, "--json")
     phi1 = load_array(args.phi1_path, "--phi1_path")
     y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
     out = evaluate(phi1, find_tasks(args.tasks_path), y)

@@ -21,14 +21,13 @@ k are often within their seed-to-seed spread (see std); ground truth, when given
 table (mean ACC), never used to choose.
 """
 import os
-import pickle
 import re
 
 import numpy as np
 from tqdm import tqdm
 
 import hume
-from utils import HumeError, ensure_dir, json_save, log, make_parser, run_cli
+from utils import HumeError, check_output_file, ensure_dir, json_save, load_results, log, make_parser, run_cli
 
 RULES = {  # score of a k from its mean CV score: higher is better
     "gain": lambda cv, k: cv - 1 / k,
@@ -90,8 +89,7 @@ def run_grid(ks, seeds, extra, out, quiet):
     for k, s in tqdm(grid, desc="select_k (k, seed)", disable=True if quiet else None):
         folder = os.path.join(out, f"k{k}")
         hume.main(extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder, "--quiet"])
-        with open(os.path.join(folder, f"results_{s}.pickle"), "rb") as f:
-            results[k].append(pickle.load(f))
+        results[k].append(load_results(os.path.join(folder, f"results_{s}.pickle")))
     return results
 
 
