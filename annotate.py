@@ -138,7 +138,7 @@ def parse_label(text):
 def read_labels_csv(path, clusters):
     """{index: label} from a CSV with a header naming the columns index and label; blank labels are skipped."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
             rows = list(csv.DictReader(f))
             columns = rows[0].keys() if rows else []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
