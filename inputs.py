@@ -4,6 +4,7 @@ Arrays are loaded into memory (float32, on the device) or, with --mmap, left mem
 rows of the current outer iteration's subsets are read, so phi arrays larger than RAM work.
 """
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ def check_args(args):
     positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
     if args.inner_lr != "auto":
         positive["--inner_lr"] = args.inner_lr
+    for flag, v in dict(positive, **{"--H_reg": args.H_reg, "--train_fraction": args.train_fraction}).items():
+        if not math.isfinite(v):
+            raise HumeError(f"{flag} must be a finite number, got {v}")
     for flag, v in positive.items():
         if not v > 0:
             raise HumeError(f"{flag} must be > 0, got {v}")
@@ -45,8 +49,27 @@ def check_args(args):
     if args.phi2_path and args.phi2_path_val and len(args.phi2_path) != len(args.phi2_path_val):
         raise HumeError(f"{len(args.phi2_path)} --phi2_path files but {len(args.phi2_path_val)} --phi2_path_val "
                         "files; give one evaluation file per phi2 space, in the same order")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HumeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if not 0 <= args.seed < 2 ** 32:
+        raise HumeError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {args.seed}")
+    check_device(args.device)
+
+
+def check_device(name):
+    """Only devices torch can run HUME on here: cpu, cuda[:i] when CUDA is there, mps when available."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HumeError(f"--device {name}: not a torch device; use cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HumeError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HumeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise HumeError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise HumeError(f"--device {name}: HUME runs on cpu, cuda or mps, not {dev.type}")
 
 
 def load_data(args):
@@ -83,11 +106,29 @@ def load_data(args):
     if not 1 <= int(args.train_fraction * m) < m:
         raise HumeError(f"--train_fraction {args.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
+    check_variance(d["phi1"], "--phi1_path", args.phi1_path)
+    for p, a in zip(args.phi2_path, d["phi2"]):
+        check_variance(a, "--phi2_path", p)
     lo, hi = row_norm_range(d["phi1"])
+    if args.normalize and lo == 0:
+        zero = int(sum(np.count_nonzero(np.linalg.norm(np.asarray(d["phi1"][i:i + (1 << 16)]), axis=1) == 0)
+                       for i in range(0, d["phi1"].shape[0], 1 << 16)))
+        raise HumeError(f"--phi1_path {args.phi1_path}: {zero} row(s) are all zeros and cannot be normalised "
+                        "(--normalize); remove those points from every array")
     if not args.normalize and max(abs(lo - 1), abs(hi - 1)) > 1e-3:
         warn(f"--phi1_path rows are not unit norm (norms {lo:.3g} to {hi:.3g}); HUME's phi1 is L2-normalised: "
              "pass --normalize to do it here")
     return d
+
+
+def check_variance(x, flag, path, chunk=1 << 16):
+    """Refuse an array whose rows are all the same (zero included): it separates nothing, and --inner_lr auto
+    would divide by zero."""
+    first = np.asarray(x[:1], dtype=np.float64)
+    for i in range(0, x.shape[0], chunk):
+        if np.any(np.asarray(x[i:i + chunk], dtype=np.float64) != first):
+            return
+    raise HumeError(f"{flag} {path}: every row is the same (no variance); this is not a representation of the points")
 
 
 def row_norm_range(x, chunk=1 << 16):
