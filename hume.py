@@ -25,8 +25,8 @@ import checkpoint
 import distributed
 import hypergrad
 from inputs import check_args, gather, gather_range, inner_lr_type, load_data, num_rows, source
-from utils import (HumeError, all_metrics, append_jsonl, atomic_write, cv_score, ensure_dir, log, make_parser,
-                   pickle_save, run_cli, seed_everything, torch_save, warn)
+from utils import (HumeError, all_metrics, append_jsonl, cv_score, ensure_dir, interruptible, log, make_parser,
+                   pickle_save, read_jsonl, run_cli, seed_everything, seed_lock, torch_save, warn, write_bytes)
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -187,20 +187,30 @@ def train(args, d, world=None):
     metrics_path = os.path.join(args.exp_path, f"metrics_{args.seed}.jsonl")
     writer = world is None or world.rank == 0  # only rank 0 writes files
     start_it, state = 0, {"seconds": 0.0}
-    resumed = checkpoint.load(args, encoder, opt, gen) if args.resume else None
+    shapes = {"phi1": list(d["phi1"].shape), "phi2": [list(p.shape) for p in d["phi2"]]}
+    resumed = checkpoint.load(args, encoder, opt, gen, shapes) if args.resume else None
     if resumed:
         start_it, state = resumed
         w0_fixed = state.get("w0_fixed")
         if writer:
             keep_log_until(metrics_path, start_it)
         log(f"resumed from {checkpoint.path_for(args)} at iteration {start_it}", args.quiet)
-    elif writer:
-        open(metrics_path, "w").close()
     state["w0_fixed"] = w0_fixed
+    fresh_log = [writer and not resumed]  # a fresh run replaces an old log at its first write, not before
+
+    def save_checkpoint(iteration):
+        state["seconds"] = time.time() - t0
+        if writer:
+            start_log(metrics_path, fresh_log)  # the log must belong to the checkpoint's run
+            checkpoint.save(args, iteration, encoder, opt, gen, state, shapes)
+
+    def final_checkpoint(it):  # Ctrl-C/SIGTERM after iteration it: a checkpoint unless one was just written
+        if (it + 1) % args.ckpt_every and it + 1 < args.num_iters:
+            save_checkpoint(it + 1)
     t0 = time.time() - state["seconds"]
     bar = tqdm(range(start_it, args.num_iters), initial=start_it, total=args.num_iters,
                disable=True if args.quiet else None, desc=f"HUME seed {args.seed}")
-    for it in bar:
+    for it in interruptible(bar, final_checkpoint):  # a signal takes effect between iterations
         lr, tau = schedule(args, it)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -213,7 +223,7 @@ def train(args, d, world=None):
             last = checkpoint.path_for(args) if os.path.isfile(checkpoint.path_for(args)) else "none written yet"
             raise HumeError(f"the outer loss or its gradient became {loss if not np.isfinite(loss) else gnorm} at "
                             f"iteration {it}; the task encoder was not updated. Last good checkpoint: {last}. "
-                            "Lower --outer_lr or --inner_lr (see the inner_lr x lambda_max line)")
+                            f"{divergence_cause(lrs, lams, tau)}")
         bar.set_postfix(loss=f"{loss:.4f}")
         if it == 0 and writer:
             state["inner_fit_first"] = fit_summary(fit)
@@ -232,25 +242,53 @@ def train(args, d, world=None):
                 record["metrics"] = all_metrics(d["y_val"], predict(encoder, phi1_val))
                 log(f"iter {it + 1}: loss {loss:.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items()), args.quiet)
+            start_log(metrics_path, fresh_log)
             append_jsonl(metrics_path, record)
         if (it + 1) % args.ckpt_every == 0 and it + 1 < args.num_iters:
-            state["seconds"] = time.time() - t0
-            if writer:
-                checkpoint.save(args, it + 1, encoder, opt, gen, state)
+            save_checkpoint(it + 1)
             kill_hook(it + 1)
     state["seconds"] = time.time() - t0
     return encoder, state
 
 
 def keep_log_until(path, iteration):
-    """On resume, drop log lines written after the checkpoint's iteration (they will be written again)."""
-    with open(path) if os.path.isfile(path) else open(os.devnull) as f:
-        kept = "".join(ln for ln in f if json.loads(ln)["iteration"] <= iteration)
+    """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
+    last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    for line, rec in read_jsonl(path, required=("iteration",)):
+        if not isinstance(rec["iteration"], int):
+            raise HumeError(f"{path}:{line}: iteration {rec['iteration']!r} is not a number; delete that line")
+        if rec["iteration"] <= iteration:
+            kept.append(rec)
+    write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(kept)
-    atomic_write(path, write)
+
+def start_log(path, fresh):
+    """A fresh run empties the metrics log once, at its first write (a finished seed's log survives a rerun
+    that fails before that). fresh: a one-element list, cleared here."""
+    if fresh[0]:
+        write_bytes(path, b"")
+        fresh[0] = False
+
+
+def divergence_cause(lrs, lams, tau):
+    """The flag that most likely made the loss non-finite, as advice."""
+    worst = max(lr * lam for lr, lam in zip(lrs, lams))
+    if worst > 4:
+        return (f"The inner step is unstable (inner_lr x lambda_max = {worst:.3g}, stable below ~4): lower "
+                "--inner_lr (or use --inner_lr auto)")
+    if tau < 1e-4:
+        return f"The temperature is {tau:.3g} at this iteration: raise --tau (or pass --no_anneal)"
+    return "Lower --outer_lr (or --inner_lr; see the inner_lr x lambda_max line)"
+
+
+def resume_hint(args):
+    path = checkpoint.path_for(args)
+    if os.path.isfile(path):
+        return f"rerun the same command with --resume to continue from {path}"
+    return f"no checkpoint yet (the first is written at iteration {args.ckpt_every}): rerun to start over"
 
 
 def kill_hook(iteration):
@@ -288,6 +326,17 @@ def main(argv=None):
 def run(args, world):
     d = load_data(args)
     ensure_dir(args.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
+    if world and world.rank != 0:
+        return train_and_finish(args, d, world)
+    with seed_lock(args.exp_path, args.seed):  # a second run of this seed into this folder is refused
+        try:
+            return train_and_finish(args, d, world)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue
+            e.hint = resume_hint(args)
+            raise
+
+
+def train_and_finish(args, d, world):
     mode = "inductive" if args.phi1_path_val else "transductive"
     log(f"HUME {mode}: n={len(d['phi1'])} d1={d['phi1'].shape[1]} d2={[p.shape[1] for p in d['phi2']]} "
         f"k={args.k} -> {args.exp_path}", args.quiet)
