@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 import evaluate
-from utils import (DEMO, HumeError, check_rows, cluster_acc, l2_normalize, load_array, load_labels, log,
-                   atomic_write, json_save, make_parser, run_cli, warn)
+from utils import (DEMO, HumeError, check_output_file, check_rows, cluster_acc, l2_normalize, load_array, load_labels,
+                   log, atomic_write, json_save, make_parser, run_cli, warn)
 
 MAX_POINTS = 5000  # larger clusters are represented by a fixed random sample of this many points (memory: m^2)
 
@@ -231,6 +231,10 @@ def main(argv=None):
     if args.simulate and min(args.per_cluster) < 1:
         raise HumeError(f"--per_cluster values must be >= 1, got {args.per_cluster}")
     y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.simulate else None
+    if args.budget is not None or args.apply:  # every output checked before the work
+        check_output_file(args.out or ("picks.csv" if args.budget is not None else "named_labels.npy"), "--out")
+    if args.simulate and args.json:
+        check_output_file(args.json, "--json")
     clusters = ensemble_clusters(phi1, args.tasks_path)
     k = len(np.unique(clusters))
     if args.budget is not None:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import DEMO, HumeError, all_metrics, json_save, load_array, load_labels, log, make_parser, run_cli, warn
+from utils import (DEMO, HumeError, all_metrics, check_output_file, json_save, load_array, load_labels, log, make_parser,
+                   run_cli, warn)
 
 
 def build_parser():
@@ -174,6 +175,8 @@ def run(args, phi, phi_val, y):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.json:
+        check_output_file(args.json, "--json")
     phi, phi_val, y, y_val = load_data(args)
     setting = "inductive" if args.phi_path_val else "transductive"
     start = time.time()

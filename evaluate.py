@@ -93,9 +93,25 @@ def untrained_inner(res_path):
     return isinstance(drop, (int, float)) and drop < DROP_MIN
 
 
+def check_same_d1(tasks):
+    """A folder mixing tasks trained in phi1 spaces of different dimension is refused, naming the seeds."""
+    by_d1 = {}
+    for s, (path, _) in tasks.items():
+        try:
+            d1 = torch.load(path, map_location="cpu", weights_only=True)["parametrizations.weight.original"].shape[1]
+        except Exception:
+            continue  # load_task reports a damaged task file
+        by_d1.setdefault(d1, []).append(str(s))
+    if len(by_d1) > 1:
+        mix = "; ".join(f"d1={d}: seeds {', '.join(seeds)}" for d, seeds in sorted(by_d1.items()))
+        raise HumeError(f"--tasks_path {os.path.dirname(next(iter(tasks.values()))[0])}: mixes tasks trained in phi1 "
+                        f"spaces of different dimension ({mix}); keep one phi1 space per folder")
+
+
 def task_predictions(phi1, tasks):
     """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks."""
     phi1 = torch.from_numpy(phi1)
+    check_same_d1(tasks)
     W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
     by_k = {}
     for s, w in W.items():

@@ -326,6 +326,11 @@ def main(argv=None):
 def run(args, world):
     d = load_data(args)
     ensure_dir(args.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
+    for name in (f"linear_task_{args.seed}.pt", f"results_{args.seed}.pickle", f"metrics_{args.seed}.jsonl",
+                 os.path.basename(checkpoint.path_for(args))):
+        if os.path.isdir(os.path.join(args.exp_path, name)):
+            raise HumeError(f"--exp_path {args.exp_path}: {name} is a folder, but hume.py writes a file of that name "
+                            "there; move it or choose another --exp_path")
     if world and world.rank != 0:
         return train_and_finish(args, d, world)
     with seed_lock(args.exp_path, args.seed):  # a second run of this seed into this folder is refused

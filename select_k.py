@@ -82,6 +82,28 @@ def hume_flags(extra):
     return extra
 
 
+def check_grid(ks, extra, out, json_path):
+    """Before any run: every k fits the data (k <= n points and <= phi1's dimension) and every output can be
+    written."""
+    from inputs import load_data
+    data_args = hume.build_parser().parse_args(extra + ["--k", "2"])
+    data_args.mmap = True  # only the shapes are needed
+    d = load_data(data_args)
+    n, d1 = d["phi1"].shape
+    too_big = [k for k in ks if k > min(n, d1)]
+    if too_big:
+        raise HumeError(f"--k_range: k = {', '.join(map(str, too_big))} is more than the data allows (n = {n} "
+                        f"points, phi1 of dimension {d1}); use k <= {min(n, d1)}")
+    ensure_dir(out, "--out")
+    for k in ks:
+        folder = os.path.join(out, f"k{k}")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise HumeError(f"--out {out}: {folder} is a file, but the tasks of k={k} go into a folder of that name; "
+                            "move it or choose another --out")
+    if json_path:
+        check_output_file(json_path, "--json")
+
+
 def run_grid(ks, seeds, extra, out, quiet):
     """HUME for every (k, seed); returns {k: [results dict per seed]} read back from the results pickles."""
     results = {k: [] for k in ks}
@@ -123,7 +145,7 @@ def main(argv=None):
     args, extra = build_parser().parse_known_args(argv)
     ks = parse_k_range(args.k_range)
     extra = hume_flags(extra)
-    ensure_dir(args.out, "--out")
+    check_grid(ks, extra, args.out, args.json)
     rows, chosen = score_table(run_grid(ks, args.seeds, extra, args.out, args.quiet), args.rule)
     log(format_table(rows, chosen, args.rule), args.quiet)
     out = {"rule": args.rule, "chosen_k": chosen, "seeds": args.seeds, "hume_flags": extra, "table": rows}
