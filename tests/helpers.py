@@ -299,3 +299,22 @@ def _serve():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
     _serve()
+
+
+# ---------------------------------------------------------------- checks for refused inputs (tests/test_trust_*)
+
+def refused(result, *needles):
+    """result: (exit code, stdout, stderr) of helpers.cli. Asserts the project's error convention: exit 2, exactly
+    one stderr line starting "error:", no traceback, and each needle in that line. Returns the line."""
+    code, _, err = result
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"exit {code}\n{err}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def temp_files(folder):
+    """Temporary files (utils.atomic_write's .tmp_*) left anywhere under folder."""
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.startswith(".tmp_")]
