@@ -305,9 +305,10 @@ if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
 
 def refused(result, *needles):
     """result: (exit code, stdout, stderr) of helpers.cli. Asserts the project's error convention: exit 2, exactly
-    one stderr line starting "error:", no traceback, and each needle in that line. Returns the line."""
+    one stderr line starting "error:" (besides "warning:" lines), no traceback, and each needle in that line.
+    Returns the line."""
     code, _, err = result
-    lines = err.strip().splitlines()
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"exit {code}\n{err}"
     assert "Traceback" not in err
     for needle in needles:
