@@ -94,14 +94,14 @@ def check_grid(ks, extra, out, json_path):
     if too_big:
         raise HumeError(f"--k_range: k = {', '.join(map(str, too_big))} is more than the data allows (n = {n} "
                         f"points, phi1 of dimension {d1}); use k <= {min(n, d1)}")
-    ensure_dir(out, "--out")
+    if json_path:
+        check_output_file(json_path, "--json")
     for k in ks:
         folder = os.path.join(out, f"k{k}")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise HumeError(f"--out {out}: {folder} is a file, but the tasks of k={k} go into a folder of that name; "
                             "move it or choose another --out")
-    if json_path:
-        check_output_file(json_path, "--json")
+    ensure_dir(out, "--out")
 
 
 def run_grid(ks, seeds, extra, out, quiet):
