@@ -91,7 +91,30 @@ def load(args, encoder, opt, gen, shapes=None):
         random.setstate((version, tuple(py_state), py_gauss))
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        check_optimizer(encoder, opt)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise HumeError(f"{bad} ({type(e).__name__}: {first}); delete it to start over") from None
-    return it, state["extra"]
+    extra = state["extra"]
+    if not isinstance(extra, dict) or not isinstance(extra.get("seconds"), (int, float)) or \
+            not valid_w0(extra.get("w0_fixed"), args, shapes):
+        raise HumeError(f"{bad} (its run state is damaged); delete it to start over")
+    return it, extra
+
+
+def check_optimizer(encoder, opt):
+    """Adam's moments must have their parameter's shape (load_state_dict does not check; a step would fail)."""
+    for p in encoder.parameters():
+        for name, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"Adam state {name} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
+
+
+def valid_w0(w0, args, shapes):
+    """The fixed inner init (--no_rand_init): None, or one (1, k, d2 + 1) tensor per phi2 space."""
+    if w0 is None:
+        return not args.no_rand_init
+    if not isinstance(w0, list) or not all(torch.is_tensor(w) for w in w0):
+        return False
+    dims = [s[1] for s in shapes["phi2"]] if shapes else [w.shape[-1] - 1 for w in w0]
+    return len(w0) == len(dims) and all(tuple(w.shape) == (1, args.k, d2 + 1) for w, d2 in zip(w0, dims))

@@ -254,10 +254,10 @@ def train(args, d, world=None):
 def keep_log_until(path, iteration):
     """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
     last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    for line, rec in read_jsonl(path, required=("iteration",)):
+    if os.path.islink(path):
+        raise HumeError(f"{path} is a symbolic link, not the log hume.py wrote; remove it and rerun")
+    kept = []  # rewritten even when missing
+    for line, rec in read_jsonl(path, required=("iteration",)) if os.path.isfile(path) else []:
         if not isinstance(rec["iteration"], int):
             raise HumeError(f"{path}:{line}: iteration {rec['iteration']!r} is not a number; delete that line")
         if rec["iteration"] <= iteration:

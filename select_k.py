@@ -144,11 +144,15 @@ def format_table(rows, chosen, rule):
 def main(argv=None):
     args, extra = build_parser().parse_known_args(argv)
     ks = parse_k_range(args.k_range)
+    bad = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+    if bad:
+        raise HumeError(f"--seeds: {bad[0]} is outside numpy's range 0 to 2**32 - 1")
+    seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would run twice into the same files
     extra = hume_flags(extra)
     check_grid(ks, extra, args.out, args.json)
-    rows, chosen = score_table(run_grid(ks, args.seeds, extra, args.out, args.quiet), args.rule)
+    rows, chosen = score_table(run_grid(ks, seeds, extra, args.out, args.quiet), args.rule)
     log(format_table(rows, chosen, args.rule), args.quiet)
-    out = {"rule": args.rule, "chosen_k": chosen, "seeds": args.seeds, "hume_flags": extra, "table": rows}
+    out = {"rule": args.rule, "chosen_k": chosen, "seeds": seeds, "hume_flags": extra, "table": rows}
     if args.json:
         json_save(out, args.json)
     return out

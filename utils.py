@@ -310,8 +310,11 @@ def cv_score(features, y_pred, folds=10, seed=1):
 # ---------------------------------------------------------------- files
 
 def write_error(path, e):
-    """The one message for a write that failed (disk full, read-only, no permission)."""
-    return HumeError(f"cannot write {path} ({e.strerror or e}); free some space or choose another folder")
+    """The one message for a write that failed (disk full, read-only, no permission, a planted symlink)."""
+    import errno
+    fix = {errno.ENOSPC: "free some space or choose another folder", errno.EDQUOT: "free some space or choose "
+           "another folder", errno.ELOOP: "it is a symbolic link: remove it"}.get(e.errno, "choose a writable folder")
+    return HumeError(f"cannot write {path} ({e.strerror or e}); {fix}")
 
 
 def atomic_write(path, write_fn):
@@ -451,8 +454,8 @@ def seed_lock(folder, seed, flag="--exp_path"):
     same folder is refused with one line instead of interleaving its files. The lock dies with the process."""
     import fcntl
     path = os.path.join(folder, f"hume_{seed}.lock")
-    try:
-        f = open(path, "a")
+    try:  # O_NOFOLLOW: a planted symlink of that name is not followed
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
     except OSError as e:
         raise write_error(path, e) from None
     try:

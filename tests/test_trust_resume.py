@@ -87,3 +87,41 @@ def test_resume_with_a_checkpoint_of_wrong_tensor_shapes_is_one_line(run):
 def test_mmap_does_not_change_the_run_so_it_resumes(run):
     _, folder, argv = run
     assert cli(hume.main, argv + ["--mmap"])[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["extra not a dict", "seconds text", "w0 without --no_rand_init",
+                                    "adam moment shape"])
+def test_resume_refuses_a_checkpoint_with_damaged_run_state(run, damage):
+    _, folder, argv = run
+    path = os.path.join(folder, "checkpoint_0.pt")
+    state = torch.load(path, weights_only=True)
+    if damage == "extra not a dict":
+        state["extra"] = "garbage"
+    elif damage == "seconds text":
+        state["extra"]["seconds"] = "long"
+    elif damage == "w0 without --no_rand_init":
+        state["extra"]["w0_fixed"] = [torch.zeros(2, 2)]
+    else:
+        state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(2, 2)
+    torch.save(state, path)
+    refused(cli(hume.main, argv), "checkpoint_0.pt", "delete it to start over")
+
+
+def test_a_planted_symlink_as_the_log_is_never_followed(run, tmp_path):
+    _, folder, argv = run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    log = os.path.join(folder, "metrics_0.jsonl")
+    os.remove(log)
+    os.symlink(victim, log)
+    refused(cli(hume.main, argv), "metrics_0.jsonl is a symbolic link")  # --resume
+    assert cli(hume.main, [a for a in argv if a != "--resume"])[0] == 0  # a fresh run replaces the link
+    assert victim.read_text() == "precious\n" and not os.path.islink(log)
+
+
+def test_a_planted_symlink_as_the_lock_is_refused_not_followed(run, tmp_path):
+    _, folder, argv = run
+    os.remove(os.path.join(folder, "hume_0.lock"))
+    os.symlink(tmp_path / "elsewhere.lock", os.path.join(folder, "hume_0.lock"))
+    refused(cli(hume.main, argv), "hume_0.lock", "symbolic link")
+    assert not (tmp_path / "elsewhere.lock").exists()
