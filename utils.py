@@ -196,10 +196,12 @@ def _first_line(e):
 
 def _check_finite(arr, path, flag, chunk=1 << 16):
     for start in range(0, arr.shape[0], chunk):  # chunked so memory-mapped arrays are never loaded whole
-        block = np.asarray(arr[start:start + chunk])
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf where HUME computes
+            block = np.asarray(arr[start:start + chunk], dtype=np.float32)
         if not np.all(np.isfinite(block)):
             row = start + int(np.nonzero(~np.all(np.isfinite(block), axis=1))[0][0])
-            raise HumeError(f"{flag} {path}: contains NaN or inf (first at row {row}); clean the array")
+            raise HumeError(f"{flag} {path}: contains NaN or inf, or values beyond float32's range (first at row "
+                            f"{row}); clean the array")
 
 
 def check_rows(arrays):

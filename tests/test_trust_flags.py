@@ -60,6 +60,9 @@ def arrays(P, tmp_path, which):
         phi2 = np.zeros_like(phi2)
     elif which == "phi1 constant":
         phi1 = np.tile(phi1[:1], (len(phi1), 1))
+    elif which == "phi2 beyond float32":
+        phi2 = phi2.astype(np.float64)
+        phi2[5, 0] = 1e300
     elif which == "phi1 zero rows":
         phi1 = phi1.copy()
         phi1[[3, 7]] = 0
@@ -69,12 +72,13 @@ def arrays(P, tmp_path, which):
 @pytest.mark.parametrize("which, extra, needle", [
     ("phi2 constant", [], "--phi2_path"), ("phi2 zero", ["--inner_lr", "auto"], "--phi2_path"),
     ("phi1 constant", [], "--phi1_path"), ("phi1 zero rows", ["--normalize"], "2 row(s) are all zeros"),
+    ("phi2 beyond float32", [], "beyond float32's range (first at row 5)"),
 ])
 def test_degenerate_arrays_are_refused(P, tmp_path, which, extra, needle):
     phi1, phi2 = arrays(P, tmp_path, which)
     folder = str(tmp_path / "run")
     line = refused(cli(hume.main, flags(P, folder, phi1_path=phi1, phi2_path=phi2) + extra), needle)
-    assert ("no variance" in line) != (which == "phi1 zero rows") and not os.path.exists(folder)
+    assert ("no variance" in line) == ("constant" in which or "zero" == which[-4:]) and not os.path.exists(folder)
 
 
 def test_divergence_names_the_inner_lr(P, tmp_path):
