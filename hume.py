@@ -205,7 +205,7 @@ def train(args, d, world=None):
             checkpoint.save(args, iteration, encoder, opt, gen, state, shapes)
 
     def final_checkpoint(it):  # Ctrl-C/SIGTERM after iteration it: a checkpoint unless one was just written
-        if (it + 1) % args.ckpt_every and it + 1 < args.num_iters:
+        if (it + 1) % args.ckpt_every or it + 1 == args.num_iters:  # after the last one too: --resume then finishes
             save_checkpoint(it + 1)
     t0 = time.time() - state["seconds"]
     bar = tqdm(range(start_it, args.num_iters), initial=start_it, total=args.num_iters,

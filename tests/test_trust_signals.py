@@ -78,3 +78,25 @@ def test_sweep_runs_a_repeated_seed_once(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 seed(s) to run" in proc.stdout and "seed 3: given more than once" in proc.stdout
     assert sum("--seed 3" in ln for ln in (exp / "log_3.txt").read_text().splitlines() if ln.startswith("GPU=")) == 1
+
+
+def test_a_signal_in_the_last_iteration_checkpoints_it_and_resume_only_finishes(tmp_path, monkeypatch):
+    P = write_problem(str(tmp_path / "data"), n=200)
+    folder = str(tmp_path / "run")
+    argv = ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--exp_path", folder, "--k", "4", "--seed", "0",
+            "--ckpt_every", "50"] + FAST  # 3 iterations
+    calls, outer_step = [], hume.outer_step
+
+    def step_then_signal(*a, **k):  # SIGTERM arrives while the last iteration runs
+        calls.append(1)
+        out = outer_step(*a, **k)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(hume, "outer_step", step_then_signal)
+    code, _, err = cli(hume.main, argv)
+    assert code == 143 and "--resume" in err.strip().splitlines()[-1]
+    assert torch.load(os.path.join(folder, "checkpoint_0.pt"), weights_only=True)["iteration"] == 3
+    assert not os.path.exists(os.path.join(folder, "linear_task_0.pt")) and not temp_files(folder)
+    assert cli(hume.main, argv + ["--resume"])[0] == 0
+    assert len(calls) == 3 and os.path.exists(os.path.join(folder, "results_0.pickle"))
