@@ -35,6 +35,7 @@ RULES = {  # score of a k from its mean CV score: higher is better
     "kappa": lambda cv, k: (cv - 1 / k) / (1 - 1 / k),
 }
 SET_HERE = ("--k", "--seed", "--exp_path", "--quiet")  # hume.py flags this script sets itself
+MAX_KS = 1000  # values of k in one --k_range A..B
 
 
 def build_parser():
@@ -58,6 +59,9 @@ def parse_k_range(tokens):
     for t in tokens:
         m = re.fullmatch(r"(\d+)\.\.(\d+)", t)
         if m:
+            if int(m.group(2)) - int(m.group(1)) >= MAX_KS:
+                raise HumeError(f"--k_range {t}: more than {MAX_KS} values of k (one HUME run each per seed); give a "
+                                "shorter range")
             ks += range(int(m.group(1)), int(m.group(2)) + 1)
         elif t.isdigit():
             ks.append(int(t))
