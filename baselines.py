@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import (DEMO, HumeError, all_metrics, check_output_file, json_save, load_array, load_labels, log, make_parser,
-                   run_cli, warn)
+from utils import (DEMO, HumeError, all_metrics, check_output_file, json_save, load_array, load_labels, log,
+                   make_parser, run_cli, warn)
 
 
 def build_parser():

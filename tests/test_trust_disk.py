@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 
-import numpy as np
 import pytest
 
 import annotate
@@ -15,7 +14,7 @@ import evaluate
 import hume
 import plot
 import utils
-from helpers import FAST, cli, refused, temp_files, write_paper_task, write_problem
+from helpers import FAST, cli, refused, temp_files, write_problem
 
 
 @pytest.fixture(scope="module")
