@@ -28,8 +28,8 @@ from tqdm import tqdm
 from metrics import cluster_acc, ensemble
 from model import find_tasks, task_predictions
 from selection import allocate, pick
-from utils import (DEMO, HumeError, atomic_write, check_rows, json_save, l2_normalize, load_array, load_labels, log,
-                   make_parser, run_cli, warn)
+from utils import (DEMO, HumeError, atomic_write, check_output_file, check_rows, json_save, l2_normalize, load_array,
+                   load_labels, log, make_parser, run_cli, warn)
 
 
 def build_parser():
@@ -102,7 +102,7 @@ def parse_label(text):
 def read_labels_csv(path, clusters):
     """{index: label} from a CSV with a header naming the columns index and label; blank labels are skipped."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
             rows = list(csv.DictReader(f))
             columns = rows[0].keys() if rows else []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -196,6 +196,10 @@ def main(argv=None):
     if args.simulate and min(args.per_cluster) < 1:
         raise HumeError(f"--per_cluster values must be >= 1, got {args.per_cluster}")
     y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if args.simulate else None
+    if args.budget is not None or args.apply:  # every output checked before the work
+        check_output_file(args.out or ("picks.csv" if args.budget is not None else "named_labels.npy"), "--out")
+    if args.simulate and args.json:
+        check_output_file(args.json, "--json")
     clusters = ensemble_clusters(phi1, args.tasks_path)
     k = len(np.unique(clusters))
     if args.budget is not None:

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from metrics import all_metrics
-from utils import DEMO, HumeError, json_save, load_array, load_labels, log, make_parser, run_cli, warn
+from utils import (DEMO, HumeError, check_output_file, json_save, load_array, load_labels, log, make_parser, run_cli,
+                   warn)
 
 
 def build_parser():
@@ -182,6 +183,8 @@ def run(args, phi, phi_val, y):
 def main(argv=None):
     args = with_demo(build_parser().parse_args(argv))
     check_args(args)
+    if args.json:
+        check_output_file(args.json, "--json")
     phi, phi_val, y, y_val = load_data(args)
     setting = "inductive" if args.phi_path_val else "transductive"
     start = time.time()

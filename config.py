@@ -3,6 +3,7 @@ and the Settings they resolve to. Resolved once after validation and passed expl
 select_k.py reuses the parser to check the flags it passes on to hume.py.
 """
 import dataclasses
+import math
 
 import torch
 
@@ -101,6 +102,9 @@ def check_args(args):
     positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
     if args.inner_lr != "auto":
         positive["--inner_lr"] = args.inner_lr
+    for flag, v in dict(positive, **{"--H_reg": args.H_reg, "--train_fraction": args.train_fraction}).items():
+        if not math.isfinite(v):
+            raise HumeError(f"{flag} must be a finite number, got {v}")
     for flag, v in positive.items():
         if not v > 0:
             raise HumeError(f"{flag} must be > 0, got {v}")
@@ -121,8 +125,27 @@ def check_args(args):
     if args.phi2_path and args.phi2_path_val and len(args.phi2_path) != len(args.phi2_path_val):
         raise HumeError(f"{len(args.phi2_path)} --phi2_path files but {len(args.phi2_path_val)} --phi2_path_val "
                         "files; give one evaluation file per phi2 space, in the same order")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HumeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if not 0 <= args.seed < 2 ** 32:
+        raise HumeError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {args.seed}")
+    check_device(args.device)
+
+
+def check_device(name):
+    """Only devices torch can run HUME on here: cpu, cuda[:i] when CUDA is there, mps when available."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HumeError(f"--device {name}: not a torch device; use cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HumeError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HumeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise HumeError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise HumeError(f"--device {name}: HUME runs on cpu, cuda or mps, not {dev.type}")
 
 
 def settings(args):

@@ -8,6 +8,7 @@ Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py
 Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
+import math
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 import inner_lr
 from metrics import all_metrics, ensemble
 from model import find_tasks, task_predictions
-from utils import DEMO, ensure_dir, json_save, load_array, load_labels, load_results, log, make_parser, run_cli
+from utils import DEMO, check_output_file, json_save, load_array, load_labels, load_results, log, make_parser, run_cli
 
 
 def build_parser():
@@ -77,8 +78,8 @@ def main(argv=None):
     phi1_path, labels_path = args.phi1_path, args.gt_labels_path
     if phi1_path is None:  # the bundled demo's test split
         phi1_path, labels_path = DEMO["phi1_test"], labels_path or DEMO["labels_test"]
-    if args.json and os.path.dirname(args.json):
-        ensure_dir(os.path.dirname(args.json), "--json")
+    if args.json:
+        check_output_file(args.json, "--json")
     phi1 = load_array(phi1_path, "--phi1_path")
     y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if labels_path else None
     out = evaluate(phi1, find_tasks(args.tasks_path), y)

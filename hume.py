@@ -31,8 +31,8 @@ import inner_lr
 from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
-from utils import (HumeError, append_jsonl, atomic_write, ensure_dir, log, pickle_save, run_cli, seed_everything,
-                   torch_save, warn)
+from utils import (HumeError, append_jsonl, ensure_dir, interruptible, log, pickle_save, read_jsonl, run_cli,
+                   seed_everything, seed_lock, torch_save, warn, write_bytes)
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -64,20 +64,30 @@ def train(cfg, data, steps, world=None):
     metrics_path = os.path.join(cfg.exp_path, f"metrics_{cfg.seed}.jsonl")
     writer = world is None or world.rank == 0  # only rank 0 writes files
     start_it, state = 0, {"seconds": 0.0}
-    resumed = checkpoint.load(cfg, encoder, opt, gen) if cfg.resume else None
+    shapes = {"phi1": list(data.phi1.shape), "phi2": [list(p.shape) for p in data.phi2]}
+    resumed = checkpoint.load(cfg, encoder, opt, gen, shapes) if cfg.resume else None
     if resumed:
         start_it, state = resumed
         w0_fixed = state.get("w0_fixed")
         if writer:
             keep_log_until(metrics_path, start_it)
         log(f"resumed from {checkpoint.path_for(cfg)} at iteration {start_it}", cfg.quiet)
-    elif writer:
-        open(metrics_path, "w").close()
     state["w0_fixed"] = w0_fixed
+    fresh_log = [writer and not resumed]  # a fresh run replaces an old log at its first write, not before
+
+    def save_checkpoint(iteration):
+        state["seconds"] = time.time() - t0
+        if writer:
+            start_log(metrics_path, fresh_log)  # the log must belong to the checkpoint's run
+            checkpoint.save(cfg, iteration, encoder, opt, gen, state, shapes)
+
+    def final_checkpoint(it):  # Ctrl-C/SIGTERM after iteration it: a checkpoint unless one was just written
+        if (it + 1) % cfg.ckpt_every or it + 1 == cfg.num_iters:  # after the last one too: --resume then finishes
+            save_checkpoint(it + 1)
     t0 = time.time() - state["seconds"]
     bar = tqdm(range(start_it, cfg.num_iters), initial=start_it, total=cfg.num_iters,
                disable=True if cfg.quiet else None, desc=f"HUME seed {cfg.seed}")
-    for it in bar:
+    for it in interruptible(bar, final_checkpoint):  # a signal takes effect between iterations
         lr, tau = schedule(cfg, it)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -91,7 +101,7 @@ def train(cfg, data, steps, world=None):
             last = checkpoint.path_for(cfg) if os.path.isfile(checkpoint.path_for(cfg)) else "none written yet"
             raise HumeError(f"the outer loss or its gradient became {loss if not np.isfinite(loss) else gnorm} at "
                             f"iteration {it}; the task encoder was not updated. Last good checkpoint: {last}. "
-                            "Lower --outer_lr or --inner_lr (see the inner_lr x lambda_max line)")
+                            f"{divergence_cause(steps, tau)}")
         bar.set_postfix(loss=f"{loss:.4f}")
         if it == 0 and writer:
             state["inner_fit_first"] = inner_lr.fit_summary(fit)
@@ -109,11 +119,10 @@ def train(cfg, data, steps, world=None):
                 record["metrics"] = all_metrics(data.y_val, predict(encoder.weight, phi1_val))
                 log(f"iter {it + 1}: loss {loss:.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items()), cfg.quiet)
+            start_log(metrics_path, fresh_log)
             append_jsonl(metrics_path, record)
         if (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.num_iters:
-            state["seconds"] = time.time() - t0
-            if writer:
-                checkpoint.save(cfg, it + 1, encoder, opt, gen, state)
+            save_checkpoint(it + 1)
     state["seconds"] = time.time() - t0
     return encoder, state
 
@@ -124,14 +133,43 @@ def inner_lrs(steps):
 
 
 def keep_log_until(path, iteration):
-    """On resume, drop log lines written after the checkpoint's iteration (they will be written again)."""
-    with open(path) if os.path.isfile(path) else open(os.devnull) as f:
-        kept = "".join(ln for ln in f if json.loads(ln)["iteration"] <= iteration)
+    """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
+    last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
+    if os.path.islink(path):
+        raise HumeError(f"{path} is a symbolic link, not the log hume.py wrote; remove it and rerun")
+    kept = []  # rewritten even when missing
+    for line, rec in read_jsonl(path, required=("iteration",)) if os.path.isfile(path) else []:
+        if not isinstance(rec["iteration"], int):
+            raise HumeError(f"{path}:{line}: iteration {rec['iteration']!r} is not a number; delete that line")
+        if rec["iteration"] <= iteration:
+            kept.append(rec)
+    write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(kept)
-    atomic_write(path, write)
+
+def start_log(path, fresh):
+    """A fresh run empties the metrics log once, at its first write (a finished seed's log survives a rerun
+    that fails before that). fresh: a one-element list, cleared here."""
+    if fresh[0]:
+        write_bytes(path, b"")
+        fresh[0] = False
+
+
+def divergence_cause(steps, tau):
+    """The flag that most likely made the loss non-finite, as advice."""
+    worst = max(s.lr * s.lam for s in steps)
+    if worst > 4:
+        return (f"The inner step is unstable (inner_lr x lambda_max = {worst:.3g}, stable below ~4): lower "
+                "--inner_lr (or use --inner_lr auto)")
+    if tau < 1e-4:
+        return f"The temperature is {tau:.3g} at this iteration: raise --tau (or pass --no_anneal)"
+    return "Lower --outer_lr (or --inner_lr; see the inner_lr x lambda_max line)"
+
+
+def resume_hint(cfg):
+    path = checkpoint.path_for(cfg)
+    if os.path.isfile(path):
+        return f"rerun the same command with --resume to continue from {path}"
+    return f"no checkpoint yet (the first is written at iteration {cfg.ckpt_every}): rerun to start over"
 
 
 def finish(cfg, data, steps, encoder, state):
@@ -165,6 +203,22 @@ def main(argv=None):
 def run(cfg, world):
     data = load_data(cfg)
     ensure_dir(cfg.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
+    for name in (f"linear_task_{cfg.seed}.pt", f"results_{cfg.seed}.pickle", f"metrics_{cfg.seed}.jsonl",
+                 os.path.basename(checkpoint.path_for(cfg))):
+        if os.path.isdir(os.path.join(cfg.exp_path, name)):
+            raise HumeError(f"--exp_path {cfg.exp_path}: {name} is a folder, but hume.py writes a file of that name "
+                            "there; move it or choose another --exp_path")
+    if world and world.rank != 0:
+        return train_and_finish(cfg, data, world)
+    with seed_lock(cfg.exp_path, cfg.seed):  # a second run of this seed into this folder is refused
+        try:
+            return train_and_finish(cfg, data, world)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue
+            e.hint = resume_hint(cfg)
+            raise
+
+
+def train_and_finish(cfg, data, world):
     log(f"HUME {'inductive' if cfg.inductive else 'transductive'}: n={len(data.phi1)} d1={data.phi1.shape[1]} "
         f"d2={[p.shape[1] for p in data.phi2]} k={cfg.k} -> {cfg.exp_path}", cfg.quiet)
     steps = inner_lr.resolve(cfg.inner_lr, data.phi2, cfg.quiet)

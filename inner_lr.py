@@ -57,8 +57,10 @@ def fit_summary(fit):
 
 
 def untrained(first_fit):
-    """Did the inner classifier barely train at the first outer iteration (a fit_summary, or None)?"""
-    return bool(first_fit) and first_fit["ce_drop"] < DROP_MIN
+    """Did the inner classifier barely train at the first outer iteration (a fit_summary; anything else, e.g.
+    None in the paper's results or a damaged entry, counts as no)?"""
+    drop = first_fit.get("ce_drop") if isinstance(first_fit, dict) else None
+    return isinstance(drop, (int, float)) and drop < DROP_MIN
 
 
 EXACT_MAX_DIM = 512  # up to this d2, form the (d2+1)^2 second moment and use an exact eigen-solver

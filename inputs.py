@@ -88,11 +88,29 @@ def load_data(cfg):
     if not 1 <= int(cfg.train_fraction * m) < m:
         raise HumeError(f"--train_fraction {cfg.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
+    check_variance(phi1, "--phi1_path", cfg.phi1_path)
+    for p, a in zip(cfg.phi2_path, phi2):
+        check_variance(a, "--phi2_path", p)
     lo, hi = row_norm_range(phi1)
+    if cfg.normalize and lo == 0:
+        zero = int(sum(np.count_nonzero(np.linalg.norm(np.asarray(phi1[i:i + (1 << 16)]), axis=1) == 0)
+                       for i in range(0, phi1.shape[0], 1 << 16)))
+        raise HumeError(f"--phi1_path {cfg.phi1_path}: {zero} row(s) are all zeros and cannot be normalised "
+                        "(--normalize); remove those points from every array")
     if not cfg.normalize and max(abs(lo - 1), abs(hi - 1)) > 1e-3:
         warn(f"--phi1_path rows are not unit norm (norms {lo:.3g} to {hi:.3g}); HUME's phi1 is L2-normalised: "
              "pass --normalize to do it here")
     return Data(phi1, phi2, phi1_val, phi2_val, y_val)
+
+
+def check_variance(x, flag, path, chunk=1 << 16):
+    """Refuse an array whose rows are all the same (zero included): it separates nothing, and --inner_lr auto
+    would divide by zero."""
+    first = np.asarray(x[:1], dtype=np.float64)
+    for i in range(0, x.shape[0], chunk):
+        if np.any(np.asarray(x[i:i + chunk], dtype=np.float64) != first):
+            return
+    raise HumeError(f"{flag} {path}: every row is the same (no variance); this is not a representation of the points")
 
 
 def row_norm_range(x, chunk=1 << 16):

@@ -1,6 +1,7 @@
 """Scores of a labeling: clustering accuracy (Hungarian matching), ARI, NMI; aligning and ensembling labelings; and
 HUME's label-free generalisation score (the CV score). Labels may be any integers; cluster and class counts may differ.
 """
+import math
 import warnings
 
 import numpy as np
@@ -62,25 +63,36 @@ def majority_vote(labelings):
 
 def cv_score(features, y_pred, folds=10, seed=1):
     """HUME's label-free generalisation score: 10-fold CV accuracy of an unregularised multinomial logistic
-    regression that predicts the task's labels from phi2 (KFold, shuffled, fixed seed)."""
+    regression that predicts the task's labels from phi2 (KFold, shuffled, fixed seed).
+
+    Always a number in [0, 1], never NaN: a constant labeling (or fewer than 2 points) scores 0.0; with fewer
+    points than folds each point is its own fold (k = n included); a fold whose training part holds a single
+    class (a class too small for the folds) is scored as predicting that class for its held-out points."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import KFold, cross_val_score
+    from sklearn.model_selection import KFold
     y_pred = np.asarray(y_pred)
-    if len(np.unique(y_pred)) < 2:
+    if len(y_pred) < 2 or len(np.unique(y_pred)) < 2:
         return 0.0  # a constant labeling carries no information: score it as worst
+    features = np.asarray(features)
     cv = KFold(n_splits=min(folds, len(y_pred)), shuffle=True, random_state=seed)
-    clf = LogisticRegression(C=np.inf, max_iter=1000)
+    scores = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)  # folds missing a rare class
-        return float(np.mean(cross_val_score(clf, features, y_pred, cv=cv, scoring="accuracy")))
+        for tr, te in cv.split(features):
+            if len(np.unique(y_pred[tr])) < 2:
+                scores.append(float(np.mean(y_pred[te] == y_pred[tr][0])))
+                continue
+            clf = LogisticRegression(C=np.inf, max_iter=1000).fit(features[tr], y_pred[tr])
+            scores.append(float(np.mean(clf.predict(features[te]) == y_pred[te])))
+    return float(np.mean(scores))
 
 
 def align_tasks(preds, cv):
     """Every task's predictions ({seed: labels}) aligned to the best-CV task's with the Hungarian algorithm.
     Returns (best seed, {seed: aligned labels})."""
-    best = max(cv, key=cv.get)
+    best = max(cv, key=lambda s: (math.isfinite(cv[s]), cv[s] if math.isfinite(cv[s]) else 0.0))  # never NaN/inf
     return best, {s: align_to(preds[s], preds[best]) for s in preds}
 
 

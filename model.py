@@ -86,19 +86,30 @@ def load_task(path, d1):
     return encoder.weight.detach()
 
 
-def load_cv_score(path):
-    try:
-        return float(load_results(path)["CV_Score"])
-    except HumeError:
-        raise
-    except Exception as e:
-        raise HumeError(f"{path}: cannot read its CV_Score ({type(e).__name__}: {e})") from None
+def check_one_kind(tasks, values, name, what):
+    """A folder mixing tasks of different shapes ({seed: value of name}) is refused, naming the seeds."""
+    by = {}
+    for s, v in values.items():
+        by.setdefault(v, []).append(str(s))
+    if len(by) > 1:
+        mix = "; ".join(f"{name}={v}: seeds {', '.join(seeds)}" for v, seeds in sorted(by.items()))
+        raise HumeError(f"--tasks_path {os.path.dirname(next(iter(tasks.values()))[0])}: mixes tasks of different "
+                        f"{what} ({mix}); keep one per folder")
 
 
 def task_predictions(phi1, tasks):
-    """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks (phi1: a float array)."""
+    """{seed: argmax(phi1 W^T)}, {seed: CV score} and k (phi1: a float array). Tasks of different k or phi1
+    dimension in one folder are refused."""
     phi1 = torch.from_numpy(np.asarray(phi1, dtype=np.float32))
+    d1s = {}
+    for s, (path, _) in tasks.items():
+        try:
+            d1s[s] = torch.load(path, map_location="cpu", weights_only=True)["parametrizations.weight.original"].shape[1]
+        except Exception:
+            continue  # load_task reports a damaged task file
+    check_one_kind(tasks, d1s, "d1", "phi1 dimension")
     W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
+    check_one_kind(tasks, {s: w.shape[0] for s, w in W.items()}, "k", "k")
     preds = {s: (phi1 @ W[s].T).argmax(1).numpy() for s in tasks}
-    cv = {s: load_cv_score(res_path) for s, (_, res_path) in tasks.items()}
+    cv = {s: load_results(res_path)["CV_Score"] for s, (_, res_path) in tasks.items()}  # a hostile pickle runs nothing
     return preds, cv, max(w.shape[0] for w in W.values())

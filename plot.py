@@ -21,7 +21,6 @@ phi1), as thumbnails of their image files (from NAME.sources.txt beside the phi1
 data without images, --texts FILE (a line per row) prints the members' texts instead. Bad inputs end with one line
 on stderr and exit code 2.
 """
-import json
 import os
 import re
 
@@ -29,12 +28,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import montage
 from metrics import align_to, all_metrics, cluster_acc, contingency
 from metrics import ensemble as vote_ensemble
 from model import find_tasks, task_predictions
-import montage
-from utils import (HumeError, atomic_write, check_rows, check_source_files, ensure_dir, find_sources, load_array,
-                   load_labels, load_results, load_sources, log, make_parser, run_cli, sources_path)
+from utils import (HumeError, atomic_write, check_output_file, check_rows, check_source_files, ensure_dir, find_sources,
+                   load_array, load_labels, load_results, load_sources, log, make_parser, read_jsonl, run_cli,
+                   sources_path)
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100
@@ -70,15 +70,15 @@ def read_metrics(folder):
                         "paper's does not)")
     runs = {}
     for seed, name in files:
-        with open(os.path.join(folder, name)) as f:
-            lines = [line for line in f if line.strip()]
+        path = os.path.join(folder, name)
         records = []
-        for i, line in enumerate(lines):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i + 1 < len(lines):
-                    raise HumeError(f"{name} in {folder}: line {i + 1} is not JSON") from None
+        for line, rec in read_jsonl(path, required=("iteration", "loss")):  # a partial last line is dropped
+            scores = rec.get("metrics", {})
+            numbers = [rec["iteration"], rec["loss"]]
+            numbers += [scores.get(m) for m in ("acc", "ari", "nmi")] if isinstance(scores, dict) and scores else []
+            if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in numbers):
+                raise HumeError(f"{path}:{line}: iteration, loss or metrics are not numbers; delete that line")
+            records.append(rec)
         runs[seed] = records
     return runs
 
@@ -86,10 +86,13 @@ def read_metrics(folder):
 def recorded_paths(tasks):
     """(phi1 path, labels path) of the evaluation points as hume.py recorded them in its results pickles."""
     for seed, (_, res_path) in tasks.items():
-        rec = dict(load_results(res_path).get("args") or {})
-        phi1 = rec.get("phi1_path_val") or rec.get("phi1_path")
+        rec = load_results(res_path).get("args")  # restricted unpickler: a hostile pickle cannot run code
+        rec = rec if isinstance(rec, dict) else {}
+        phi1, labels = rec.get("phi1_path_val") or rec.get("phi1_path"), rec.get("gt_labels_path")
         if phi1:
-            return phi1, rec.get("gt_labels_path"), f"results_{seed}.pickle"
+            if not isinstance(phi1, str) or not isinstance(labels, (str, type(None))):
+                raise HumeError(f"{res_path}: its recorded data paths are not file names; pass --phi1_path")
+            return phi1, labels, f"results_{seed}.pickle"
     raise HumeError("the results pickles record no data paths (written by the paper's hume.py?): pass --phi1_path")
 
 
@@ -261,15 +264,19 @@ def main(argv=None):
                                    ("--texts", args.texts)) if v]
     if montage_only and not args.montage:
         raise HumeError(f"{montage_only[0]} is a --montage option; add --montage")
+    if args.prefix is not None and (not args.prefix or os.sep in args.prefix or args.prefix in (".", "..")):
+        raise HumeError(f"--prefix {args.prefix!r}: must be a file name prefix, not a path; use --out for the folder")
     tasks = find_tasks(args.tasks_path)
     prefix = args.prefix or os.path.basename(os.path.normpath(os.path.abspath(args.tasks_path)))
     if args.montage:
         return draw_montage(args, tasks, prefix)
     runs = read_metrics(args.tasks_path)
+    ensure_dir(args.out, "--out")  # every output checked before the work
+    path = {name: os.path.join(args.out, f"{prefix}_{name}.png") for name in FIGSIZE}
+    for p in path.values():
+        check_output_file(p, "--out")
     _, phi1, y = evaluation_data(args, tasks)
     preds, cv, best, vote, k = ensemble(phi1, tasks)
-    ensure_dir(args.out, "--out")
-    path = {name: os.path.join(args.out, f"{prefix}_{name}.png") for name in FIGSIZE}
     if y is None:
         log("note: no ground-truth labels: skipped the confusion matrix and CV-vs-ACC figures (give --phi1_path "
             "and --gt_labels_path to draw them)" +

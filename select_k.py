@@ -20,6 +20,7 @@ A heuristic: nothing guarantees that the human labeling is the one of highest sc
 k are often within their seed-to-seed spread (see std); ground truth, when given to hume.py, is only shown in the
 table (mean ACC), never used to choose.
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -29,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import HumeError, ensure_dir, json_save, load_results, log, make_parser, run_cli
+from inputs import load_data
+from utils import HumeError, check_output_file, ensure_dir, json_save, load_results, log, make_parser, run_cli
 
 HUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hume.py")
 
@@ -39,6 +41,7 @@ RULES = {  # score of a k from its mean CV score: higher is better
     "kappa": lambda cv, k: (cv - 1 / k) / (1 - 1 / k),
 }
 SET_HERE = ("--k", "--seed", "--exp_path", "--quiet")  # hume.py flags this script sets itself
+MAX_KS = 1000  # values of k in one --k_range A..B
 
 
 def build_parser():
@@ -62,6 +65,9 @@ def parse_k_range(tokens):
     for t in tokens:
         m = re.fullmatch(r"(\d+)\.\.(\d+)", t)
         if m:
+            if int(m.group(2)) - int(m.group(1)) >= MAX_KS:
+                raise HumeError(f"--k_range {t}: more than {MAX_KS} values of k (one HUME run each per seed); give a "
+                                "shorter range")
             ks += range(int(m.group(1)), int(m.group(2)) + 1)
         elif t.isdigit():
             ks.append(int(t))
@@ -80,27 +86,58 @@ def hume_flags(extra):
         if a.split("=")[0] in SET_HERE:
             raise HumeError(f"{a.split('=')[0]} is set by select_k.py (use --k_range, --seeds, --out); "
                             "remove it from the flags passed to hume.py")
-    parser = config.build_parser("hume.py")
-    parser.prog = "hume.py (flags passed on by select_k.py)"
-    config.check_args(parser.parse_args(extra + ["--k", "2"]))
+    hume_settings(extra)
     return extra
 
 
+def hume_settings(extra):
+    """The settings hume.py will run with (k aside): parsed and checked as hume.py does."""
+    parser = config.build_parser("hume.py")
+    parser.prog = "hume.py (flags passed on by select_k.py)"
+    args = parser.parse_args(extra + ["--k", "2"])
+    config.check_args(args)
+    return config.settings(args)
+
+
+def check_grid(ks, extra, out, json_path):
+    """Before any run: every k fits the data (k <= n points and <= phi1's dimension) and every output can be
+    written."""
+    cfg = dataclasses.replace(hume_settings(extra), mmap=True)  # only the shapes are needed
+    phi1 = load_data(cfg).phi1
+    n, d1 = phi1.shape
+    too_big = [k for k in ks if k > min(n, d1)]
+    if too_big:
+        raise HumeError(f"--k_range: k = {', '.join(map(str, too_big))} is more than the data allows (n = {n} "
+                        f"points, phi1 of dimension {d1}); use k <= {min(n, d1)}")
+    if json_path:
+        check_output_file(json_path, "--json")
+    for k in ks:
+        folder = os.path.join(out, f"k{k}")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise HumeError(f"--out {out}: {folder} is a file, but the tasks of k={k} go into a folder of that name; "
+                            "move it or choose another --out")
+    ensure_dir(out, "--out")
+
+
+def run_hume(argv):
+    """One `python hume.py argv...` process; its warnings (e.g. an inner loop that does not train) are passed on,
+    and a failure stops the grid with hume.py's own error line."""
+    run = subprocess.run([sys.executable, HUME] + argv, capture_output=True, text=True)
+    for line in run.stderr.splitlines():
+        if line.startswith("warning:"):
+            print(line, file=sys.stderr)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
+        raise HumeError(f"hume.py {' '.join(argv[-6:-1])} failed: {last.removeprefix('error: ')}")
+
+
 def run_grid(ks, seeds, extra, out, quiet):
-    """HUME for every (k, seed), each a hume.py process; returns {k: [results dict per seed]} read back from the
-    results pickles. A run that fails stops the grid with its own error line."""
+    """HUME for every (k, seed); returns {k: [results dict per seed]} read back from the results pickles."""
     results = {k: [] for k in ks}
     grid = [(k, s) for k in ks for s in seeds]
     for k, s in tqdm(grid, desc="select_k (k, seed)", disable=True if quiet else None):
         folder = os.path.join(out, f"k{k}")
-        run = subprocess.run([sys.executable, HUME] + extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder,
-                                                               "--quiet"], capture_output=True, text=True)
-        for line in run.stderr.splitlines():  # hume.py's warnings (e.g. an inner loop that does not train)
-            if line.startswith("warning:"):
-                print(line, file=sys.stderr)
-        if run.returncode != 0:
-            last = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
-            raise HumeError(f"hume.py --k {k} --seed {s} failed: {last.removeprefix('error: ')}")
+        run_hume(extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder, "--quiet"])
         results[k].append(load_results(os.path.join(folder, f"results_{s}.pickle")))
     return results
 
@@ -134,11 +171,15 @@ def format_table(rows, chosen, rule):
 def main(argv=None):
     args, extra = build_parser().parse_known_args(argv)
     ks = parse_k_range(args.k_range)
+    bad = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+    if bad:
+        raise HumeError(f"--seeds: {bad[0]} is outside numpy's range 0 to 2**32 - 1")
+    seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would run twice into the same files
     extra = hume_flags(extra)
-    ensure_dir(args.out, "--out")
-    rows, chosen = score_table(run_grid(ks, args.seeds, extra, args.out, args.quiet), args.rule)
+    check_grid(ks, extra, args.out, args.json)
+    rows, chosen = score_table(run_grid(ks, seeds, extra, args.out, args.quiet), args.rule)
     log(format_table(rows, chosen, args.rule), args.quiet)
-    out = {"rule": args.rule, "chosen_k": chosen, "seeds": args.seeds, "hume_flags": extra, "table": rows}
+    out = {"rule": args.rule, "chosen_k": chosen, "seeds": seeds, "hume_flags": extra, "table": rows}
     if args.json:
         json_save(out, args.json)
     return out

@@ -96,6 +96,14 @@ for s in $seeds; do
     esac
 done
 [ -n "$seeds" ] || die "--seeds is empty"
+uniq=""
+for s in $seeds; do  # a seed given twice would run twice into the same files (hume.py refuses the second)
+    case " $uniq " in
+        *" $s "*) say "seed $s: given more than once, run once" ;;
+        *) uniq="$uniq $s" ;;
+    esac
+done
+seeds=$uniq
 if [ -n "$eval_labels" ] && [ -z "$eval_phi1" ]; then
     die "--eval_labels needs --eval_phi1 (the points those labels belong to)"
 fi

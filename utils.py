@@ -3,11 +3,15 @@
 One home for each helper; the scripts import from here and never copy.
 """
 import argparse
+import contextlib
+import io
 import json
+import math
 import os
 import pickle
 import random
 import re
+import signal
 import sys
 import tempfile
 
@@ -29,17 +33,71 @@ class HumeError(Exception):
     """A problem the user can fix (bad file, bad flag). Scripts print it as one line and exit 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM sends at time-out or preemption), raised by the handler run_cli
+    installs. at_boundary: raised between two bodies of an interruptible() loop (state is consistent); hint: how to
+    continue, added by the code that caught it (printed by run_cli)."""
+
+    def __init__(self, signum, at_boundary=False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.at_boundary, self.hint = signum, at_boundary, None
+
+
+_deferring = []  # stack of interruptible() loop bodies; a signal inside one is recorded here instead of raised
+
+
+def _on_signal(signum, frame):
+    if _deferring and _deferring[-1] is None:
+        _deferring[-1] = signum  # the first signal waits for the end of the block; a second one raises now
+        print(f"{signal.Signals(signum).name}: stopping at the end of this iteration (send it again to stop now)",
+              file=sys.stderr, flush=True)
+        return
+    raise Interrupted(signum)
+
+
+def interruptible(iterable, on_stop=None):
+    """Iterate with each loop body shielded from a first Ctrl-C/SIGTERM: the signal takes effect when the body
+    ends, after on_stop(item) (e.g. a final checkpoint) ran, as Interrupted(at_boundary=True). What the body
+    updates (e.g. one outer iteration) is never left half-done; a second signal stops at once."""
+    for item in iterable:
+        _deferring.append(None)
+        try:
+            yield item
+        finally:
+            signum = _deferring.pop()
+        if signum is not None:
+            if on_stop is not None:
+                on_stop(item)
+            raise Interrupted(signum, at_boundary=True)
+
+
 def run_cli(main, argv=None):
     """Run a script's main(argv) (None: the command line); a HumeError becomes one line on stderr and exit code 2,
-    never a traceback."""
+    never a traceback. Ctrl-C and SIGTERM end the run with one line (exit 130 / 143); an OSError nobody turned
+    into a HumeError (a write that failed) still ends as one line naming the file, exit 2."""
+    handlers = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, _on_signal)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
     try:
         main(argv)
     except HumeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and free space", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        hint = getattr(e, "hint", None)
+        print(f"interrupted ({signal.Signals(signum).name})" + (f": {hint}" if hint else ""), file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,21 +163,45 @@ def load_labels(path, flag, n=None):
     return y.astype(np.int64)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npy(path, flag, mmap):
+    """np.load with allow_pickle=False, and errors that say what the file is (never "use allow_pickle")."""
     if not path or not os.path.isfile(path):
         raise HumeError(f"{flag}: file not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise HumeError(f"{flag} {path}: cannot be read ({e.strerror})") from None
+    if head != NPY_MAGIC:
+        what = "it is empty" if not head else f"it starts with {head!r}"
+        raise HumeError(f"{flag} {path}: not a .npy file ({what}); save the array with numpy.save")
+    try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as e:  # corrupt file, pickled object array, not a .npy at all
-        raise HumeError(f"{flag} {path}: cannot be read as a .npy array ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise HumeError(f"{flag} {path}: holds a pickled object array: refusing to load it (it could run code); "
+                            "save a numeric array instead") from None
+        raise HumeError(f"{flag} {path}: damaged .npy file ({_first_line(e)})") from None
+    except Exception as e:  # truncated data, unreadable header
+        raise HumeError(f"{flag} {path}: damaged .npy file ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_finite(arr, path, flag, chunk=1 << 16):
     for start in range(0, arr.shape[0], chunk):  # chunked so memory-mapped arrays are never loaded whole
-        block = np.asarray(arr[start:start + chunk])
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf where HUME computes
+            block = np.asarray(arr[start:start + chunk], dtype=np.float32)
         if not np.all(np.isfinite(block)):
             row = start + int(np.nonzero(~np.all(np.isfinite(block), axis=1))[0][0])
-            raise HumeError(f"{flag} {path}: contains NaN or inf (first at row {row}); clean the array")
+            raise HumeError(f"{flag} {path}: contains NaN or inf, or values beyond float32's range (first at row "
+                            f"{row}); clean the array")
 
 
 def check_rows(arrays):
@@ -183,11 +265,23 @@ def seed_everything(seed):
 
 # ---------------------------------------------------------------- files
 
+def write_error(path, e):
+    """The one message for a write that failed (disk full, read-only, no permission, a planted symlink)."""
+    import errno
+    fix = {errno.ENOSPC: "free some space or choose another folder", errno.EDQUOT: "free some space or choose "
+           "another folder", errno.ELOOP: "it is a symbolic link: remove it"}.get(e.errno, "choose a writable folder")
+    return HumeError(f"cannot write {path} ({e.strerror or e}); {fix}")
+
+
 def atomic_write(path, write_fn):
     """Write via write_fn(tmp_path) to a temporary file in the same folder, then rename over path:
-    readers never see a half-written file, and a crash leaves no partial output behind."""
+    readers never see a half-written file, and a crash leaves no partial output behind. A failed write (disk
+    full, read-only folder) removes the temporary file and raises a HumeError "cannot write PATH (reason)"."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path), dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path), dir=folder)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
         write_fn(tmp)
@@ -195,71 +289,178 @@ def atomic_write(path, write_fn):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise write_error(path, e) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
 
 
+def _remove_quietly(path):
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def write_bytes(path, data):
+    """data (bytes) to path, atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
 def torch_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-class _ResultsUnpickler(pickle.Unpickler):
-    """Unpickles only what results pickles hold (builtin containers and scalars, numpy arrays, dtypes and scalars):
-    a pickle can name any callable, and plain pickle.load would call it."""
-    ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
-                                         "str", "bytes", "bool", "slice")} | \
-        {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
-        {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | \
-        {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or (module == "numpy" and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refuses to load object {module}.{name}")
-
-
-def load_results(path):
-    """A results_{seed}.pickle (ours or the paper's) as a dict, read without running any code it may carry."""
-    try:
-        with open(path, "rb") as f:
-            out = _ResultsUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise HumeError(f"{path}: {e}; this file is not a results pickle written by HUME") from None
-    except Exception as e:
-        raise HumeError(f"{path}: cannot be read as a results pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(out, dict):
-        raise HumeError(f"{path}: holds a {type(out).__name__}, not the dict of a results pickle")
-    return out
+    buf = io.BytesIO()  # serialise in memory: a full disk then fails as an OSError naming its cause
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def pickle_save(obj, path):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f)
-    atomic_write(path, write)
+    write_bytes(path, pickle.dumps(obj))
+
+
+def json_ready(obj):
+    """obj with every non-finite float (NaN, inf) replaced by None, so the JSON written is standard."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def json_save(obj, path):
-    """Pretty JSON, written atomically (reports: evaluate.py --json and friends)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
+    """Pretty JSON, written atomically (reports: evaluate.py --json and friends); NaN/inf are written as null."""
+    write_bytes(path, json.dumps(json_ready(obj), indent=2, allow_nan=False).encode())
 
 
 def append_jsonl(path, record):
-    """One JSON object per line (DINO-style metrics log); appended whole, flushed."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """One JSON object per line (DINO-style metrics log); appended whole, flushed. A failed write (disk full) is
+    cut back off, so the log never ends in half a line, and raises "cannot write PATH (reason)"."""
+    line = json.dumps(json_ready(record), allow_nan=False) + "\n"
+    try:
+        with open(path, "a") as f:
+            start = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)
+                raise
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def read_jsonl(path, required=()):
+    """[(line number, record)] of a JSON-lines log. A last line cut short (a run killed or a disk filled while
+    writing it) is dropped; any other line that is not a JSON object holding the keys `required` is an error
+    naming path:line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise HumeError(f"{path}: cannot be read ({e.strerror})") from None
+    lines = data.split(b"\n")
+    out = []
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        last = i == len(lines)  # no newline after it: possibly a partial write
+        try:
+            rec = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            if last:
+                continue
+            raise HumeError(f"{path}:{i}: not a JSON line; delete that line (or the file) and rerun") from None
+        missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise HumeError(f"{path}:{i}: no {', '.join(missing)} in this record; delete that line (or the file)")
+        out.append((i, rec))
+    return out
 
 
 def ensure_dir(path, flag):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HumeError(f"{flag} {path}: a file of that name exists; it must be a folder (choose another path)")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise HumeError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
     if not os.access(path, os.W_OK):
         raise HumeError(f"{flag} {path}: the folder is not writable")
+
+
+def check_output_file(path, flag):
+    """Refuse, before any work, an output file that cannot be written: a folder of that name, a parent that is
+    missing (and cannot be created), a file, or is not writable."""
+    if os.path.isdir(path):
+        raise HumeError(f"{flag} {path}: is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    ensure_dir(parent, flag)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise HumeError(f"{flag} {path}: the file is not writable")
+
+
+@contextlib.contextmanager
+def seed_lock(folder, seed, flag="--exp_path"):
+    """Hold an exclusive lock on {folder}/hume_{seed}.lock for the block: a second run of the same seed into the
+    same folder is refused with one line instead of interleaving its files. The lock dies with the process."""
+    import fcntl
+    path = os.path.join(folder, f"hume_{seed}.lock")
+    try:  # O_NOFOLLOW: a planted symlink of that name is not followed
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HumeError(f"{flag} {folder}: seed {seed} is already running there (another process holds {path}); "
+                            "wait for it to end, or use another --seed or --exp_path") from None
+        yield path
+    finally:
+        f.close()
+
+
+# ---------------------------------------------------------------- results pickles
+
+_RESULTS_GLOBALS = {  # what pickles of dicts of builtins, numpy arrays, dtypes and scalars need, nothing more
+    ("builtins", n) for n in ("set", "frozenset", "complex", "bytearray", "slice")} | {
+    ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype")} | {
+    (f"numpy.{core}.{mod}", n) for core in ("core", "_core")
+    for mod, n in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+
+
+class _ResultsUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _RESULTS_GLOBALS:
+            raise pickle.UnpicklingError(f"refuses to load object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_results(path):
+    """A results_{seed}.pickle (ours or the paper's) read by a restricted unpickler: only builtins containers and
+    scalars and numpy arrays/dtypes/scalars can be built, so a hostile file cannot run code. Returns the dict,
+    checked to hold a numeric CV_Score."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ResultsUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refuses"):
+            raise HumeError(f"{path}: {e}; this file is not a results pickle written by HUME") from None
+        raise HumeError(f"{path}: damaged results pickle ({_first_line(e)}); rerun that seed") from None
+    except OSError as e:
+        raise HumeError(f"{path}: cannot be read ({e.strerror})") from None
+    except Exception as e:  # truncated (EOFError), garbage bytes, ...
+        raise HumeError(f"{path}: damaged results pickle ({type(e).__name__}: {_first_line(e)}); rerun that "
+                        "seed") from None
+    if not isinstance(obj, dict) or "CV_Score" not in obj:
+        raise HumeError(f"{path}: not a HUME results pickle (expected a dict with a CV_Score)")
+    try:
+        obj["CV_Score"] = float(obj["CV_Score"])
+    except (TypeError, ValueError):
+        raise HumeError(f"{path}: CV_Score is {obj['CV_Score']!r}, not a number") from None
+    return obj

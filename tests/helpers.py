@@ -189,3 +189,23 @@ def run_chain(steps, timeout=STEP_TIMEOUT):
 def describe(proc):
     """Everything a failing assertion should show about a finished run."""
     return f"\n$ {' '.join(proc.args)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+# ---------------------------------------------------------------- checks for refused inputs (tests/test_trust_*)
+
+def refused(result, *needles):
+    """result: (exit code, stdout, stderr) of helpers.cli. Asserts the project's error convention: exit 2, exactly
+    one stderr line starting "error:" (besides "warning:" lines), no traceback, and each needle in that line.
+    Returns the line."""
+    code, _, err = result
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"exit {code}\n{err}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def temp_files(folder):
+    """Temporary files (utils.atomic_write's .tmp_*) left anywhere under folder."""
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.startswith(".tmp_")]
