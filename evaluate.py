@@ -1,10 +1,12 @@
-"""Score a folder of HUME tasks: each task's ACC/ARI/NMI, their mean and std, and the paper's ensemble.
+"""Score a folder of HUME (or TURTLE) tasks: each task's ACC/ARI/NMI, their mean and std, and the paper's ensemble.
 
     python evaluate.py                                  # the tasks of the bundled demo in ./linear_tasks/
     python evaluate.py --phi1_path data/representations/mocov2/cifar10test_l2.npy \
         --tasks_path tasks/inductive/moco_dino/cifar10/ --gt_labels_path data/labels/cifar10test_targets.npy
+    python evaluate.py --tasks_path tasks/turtle/ --phi_paths clip_val.npy dino_val.npy --gt_labels_path y_val.npy
 
-Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py or the paper's writes them.
+Reads every linear_task_{seed}.pt with its results_{seed}.pickle, as our hume.py or the paper's writes them, and
+every turtle_task_{seed}.pt (run_turtle.py's, or TURTLE's released layout) with its results_{seed}.pickle.
 Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
@@ -15,16 +17,19 @@ import re
 import numpy as np
 import torch
 
-from utils import (DEMO, HumeError, align_to, all_metrics, ensure_dir, json_save, load_array, load_labels, log,
-                   majority_vote, make_parser, run_cli)
+from utils import (DEMO, HumeError, align_to, all_metrics, check_rows, ensure_dir, json_save, load_array,
+                   load_labels, log, majority_vote, make_parser, run_cli)
 
-TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
+TASK_FILE = re.compile(r"(?:linear|turtle)_task_(-?\d+)\.pt")  # not linear_task_{iter}_{seed}.pt (--save_all)
 
 
 def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--phi1_path", help="phi1 of the points to label; default: the bundled demo's test split")
-    p.add_argument("--tasks_path", default="./linear_tasks/", help="folder of linear_task_{seed}.pt files")
+    p.add_argument("--phi_paths", nargs="+", help="for TURTLE tasks: every space's array of the points to label, in "
+                   "the training order; default: the bundled demo's phi2 test split when no path is given")
+    p.add_argument("--tasks_path", default="./linear_tasks/", help="folder of linear_task_{seed}.pt or "
+                   "turtle_task_{seed}.pt files")
     p.add_argument("--gt_labels_path", help="ground-truth labels of those points (scoring only); default: the "
                    "demo's test labels when --phi1_path is not given")
     p.add_argument("--json", help="also write everything reported to this JSON file")
@@ -36,17 +41,20 @@ def find_tasks(folder):
     """{seed: (task path, results path)} for every task in folder; every task needs its results pickle."""
     if not os.path.isdir(folder):
         raise HumeError(f"--tasks_path {folder}: no such folder")
-    seeds = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
-    if not seeds:
-        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt files; run hume.py with --exp_path "
-                        f"{folder} first")
+    names = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
+    if not names:
+        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt or turtle_task_{{seed}}.pt files; run "
+                        f"hume.py or run_turtle.py with --exp_path {folder} first")
     tasks = {}
-    for s in seeds:
+    for s, name in names:
         res = os.path.join(folder, f"results_{s}.pickle")
+        if s in tasks:
+            raise HumeError(f"--tasks_path {folder}: seed {s} has both a HUME and a TURTLE task, which would share "
+                            f"results_{s}.pickle; keep each method in its own folder")
         if not os.path.isfile(res):
-            raise HumeError(f"--tasks_path {folder}: linear_task_{s}.pt has no results_{s}.pickle (its CV score); "
+            raise HumeError(f"--tasks_path {folder}: {name} has no results_{s}.pickle (its CV score); "
                             "rerun that seed or remove the task")
-        tasks[s] = (os.path.join(folder, f"linear_task_{s}.pt"), res)
+        tasks[s] = (os.path.join(folder, name), res)
     return tasks
 
 
@@ -96,18 +104,34 @@ def untrained_inner(res_path):
     return bool(first) and first["ce_drop"] < DROP_MIN
 
 
-def task_predictions(phi1, tasks):
-    """{seed: argmax(phi1 W^T)}, {seed: CV score} and the largest k over the tasks."""
-    phi1 = torch.from_numpy(phi1)
-    W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
-    preds = {s: (phi1 @ W[s].T).argmax(1).numpy() for s in tasks}
+def task_predictions(phi1, tasks, phis=None):
+    """{seed: argmax(phi1 W^T)} (TURTLE tasks: run_turtle.predict on phis), {seed: CV score} and the largest k."""
+    preds, ks = {}, []
+    for s, (task_path, _) in tasks.items():
+        if os.path.basename(task_path).startswith("turtle_task_"):
+            preds[s], k = turtle_predictions(task_path, phis)
+        elif phi1 is None:
+            raise HumeError(f"{task_path} is a HUME task: give --phi1_path, phi1 of the points to label")
+        else:
+            W = load_task(task_path, phi1.shape[1])
+            preds[s], k = (torch.from_numpy(phi1) @ W.T).argmax(1).numpy(), W.shape[0]
+        ks.append(k)
     cv = {s: load_cv_score(res_path) for s, (_, res_path) in tasks.items()}
-    return preds, cv, max(w.shape[0] for w in W.values())
+    return preds, cv, max(ks)
 
 
-def evaluate(phi1, tasks, y_true=None):
+def turtle_predictions(task_path, phis):
+    """A TURTLE task's labels of the points (every space's array in phis) and its k."""
+    import run_turtle
+    if phis is None:
+        raise HumeError(f"{task_path} is a TURTLE task: give --phi_paths, every space's array of the points to label")
+    heads = run_turtle.load_task(task_path, [a.shape[1] for a in phis])
+    return run_turtle.predict(heads, [torch.from_numpy(a) for a in phis]), heads[0].out_features
+
+
+def evaluate(phi1, tasks, y_true=None, phis=None):
     """Per-task predictions, CV scores and (with labels) metrics, plus the ensemble. Returns a JSON-ready dict."""
-    preds, cv, _ = task_predictions(phi1, tasks)
+    preds, cv, _ = task_predictions(phi1, tasks, phis)
     best, vote = ensemble(preds, cv)
     out = {"best_cv_seed": best,
            "tasks": {s: {"CV_Score": cv[s], "untrained_inner": untrained_inner(tasks[s][1])} for s in tasks},
@@ -144,14 +168,19 @@ def report(out, quiet):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.phi1_path is None:
-        args.phi1_path = DEMO["phi1_test"]
+    if args.phi1_path is None and args.phi_paths is None:
+        args.phi1_path, args.phi_paths = DEMO["phi1_test"], [DEMO["phi2_test"]]
         args.gt_labels_path = args.gt_labels_path or DEMO["labels_test"]
     if args.json and os.path.dirname(args.json):
         ensure_dir(os.path.dirname(args.json), "--json")
-    phi1 = load_array(args.phi1_path, "--phi1_path")
-    y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
-    out = evaluate(phi1, find_tasks(args.tasks_path), y)
+    phi1 = load_array(args.phi1_path, "--phi1_path") if args.phi1_path else None
+    phis = [load_array(p, "--phi_paths") for p in args.phi_paths] if args.phi_paths else None
+    arrays = ([("--phi1_path", phi1)] if args.phi1_path else []) + \
+        [(f"--phi_paths {p}", a) for p, a in zip(args.phi_paths or [], phis or [])]
+    check_rows(arrays)
+    n = len(arrays[0][1])
+    y = load_labels(args.gt_labels_path, "--gt_labels_path", n) if args.gt_labels_path else None
+    out = evaluate(phi1, find_tasks(args.tasks_path), y, phis)
     report(out, args.quiet)
     if args.json:
         json_save(out, args.json)
