@@ -1,4 +1,4 @@
-"""Figures of a folder of HUME tasks: training curves, the ensemble's confusion matrix, CV score against accuracy
+"""Figures of a folder of HUME (or run_turtle.py) tasks: training curves, the ensemble's confusion matrix, CV score against accuracy
 and the ensemble's cluster sizes, as PNGs.
 
     python plot.py --tasks_path tasks/demo                 # evaluation points and labels as hume.py recorded them
@@ -8,8 +8,8 @@ and the ensemble's cluster sizes, as PNGs.
 Writes {prefix}_curves.png (outer loss and ACC/ARI/NMI per iteration from metrics_{seed}.jsonl, one line per seed),
 {prefix}_confusion.png (ensemble vs ground truth, Hungarian-ordered), {prefix}_cv_vs_acc.png (does the label-free
 CV score pick good tasks?) and {prefix}_cluster_sizes.png into --out, and prints their paths. Without
---phi1_path, the evaluation points and labels are those recorded in results_{seed}.pickle. Without labels, the
-figures that need them are skipped with a note. The ensemble is evaluate.py's: tasks matched to the best-CV task,
+--phi1_path (TURTLE tasks: --phi_paths), the evaluation points and labels are those recorded in
+results_{seed}.pickle. Without labels, the figures that need them are skipped with a note. The ensemble is evaluate.py's: tasks matched to the best-CV task,
 then a majority vote. Bad inputs end with one line on stderr and exit code 2.
 """
 import json
@@ -38,6 +38,8 @@ def build_parser():
     p.add_argument("--out", default="figures/", help="folder for the PNGs (created)")
     p.add_argument("--prefix", help="file name prefix; default: the name of the tasks folder")
     p.add_argument("--phi1_path", help="phi1 of the evaluation points; default: as recorded by hume.py")
+    p.add_argument("--phi_paths", nargs="+", help="TURTLE tasks: every space's array of the evaluation points; "
+                   "default: as recorded by run_turtle.py")
     p.add_argument("--gt_labels_path", help="labels of those points (for the figures that need them); "
                    "default: as recorded by hume.py when --phi1_path is not given")
     return p
@@ -65,37 +67,44 @@ def read_metrics(folder):
 
 
 def recorded_paths(tasks):
-    """(phi1 path, labels path) of the evaluation points as hume.py recorded them in its results pickles."""
+    """(phi1 path, or run_turtle.py's list of every space's path; labels path) of the evaluation points as
+    hume.py or run_turtle.py recorded them in its results pickles."""
     for seed, (_, res_path) in tasks.items():
         try:
             with open(res_path, "rb") as f:
-                rec = dict(pickle.load(f).get("args") or {})
+                res = pickle.load(f)
+            rec = dict(res.get("args") or {})
         except Exception as e:
             raise HumeError(f"{res_path}: cannot be read ({type(e).__name__}: {e})") from None
-        phi1 = rec.get("phi1_path_val") or rec.get("phi1_path")
+        phi1 = res.get("phi_paths_val") or rec.get("phi1_path_val") or rec.get("phi1_path")
         if phi1:
-            return phi1, rec.get("gt_labels_path"), f"results_{seed}.pickle"
+            return phi1, res.get("gt_labels_path") or rec.get("gt_labels_path"), f"results_{seed}.pickle"
     raise HumeError("the results pickles record no data paths (written by the paper's hume.py?): pass --phi1_path")
 
 
 def evaluation_data(args, tasks):
-    if args.gt_labels_path and not args.phi1_path:
-        raise HumeError("--gt_labels_path needs --phi1_path (the points those labels belong to)")
-    phi1_path, labels_path, source = args.phi1_path, args.gt_labels_path, "the flags"
-    if not phi1_path:
-        phi1_path, labels_path, source = recorded_paths(tasks)
-        for path in (phi1_path, labels_path):
+    """phi1 (HUME tasks), every space's array (TURTLE tasks, else None) and the labels of the evaluation points."""
+    if args.gt_labels_path and not (args.phi1_path or args.phi_paths):
+        raise HumeError("--gt_labels_path needs --phi1_path or --phi_paths (the points those labels belong to)")
+    phi1_path, phi_paths, labels_path, source = args.phi1_path, args.phi_paths, args.gt_labels_path, "the flags"
+    if not (phi1_path or phi_paths):
+        recorded, labels_path, source = recorded_paths(tasks)
+        phi1_path, phi_paths = (recorded, None) if isinstance(recorded, str) else (None, recorded)
+        for path in [phi1_path, labels_path] + (phi_paths or []):
             if path and not os.path.isfile(path):
-                raise HumeError(f"{path}, recorded in {source}, is gone: pass --phi1_path (and --gt_labels_path)")
-    log(f"evaluation points: {phi1_path} (from {source})")
-    phi1 = load_array(phi1_path, "--phi1_path")
-    y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if labels_path else None
-    return phi1, y
+                raise HumeError(f"{path}, recorded in {source}, is gone: pass --phi1_path or --phi_paths (and "
+                                "--gt_labels_path)")
+    log(f"evaluation points: {phi1_path or ' '.join(phi_paths)} (from {source})")
+    phi1 = load_array(phi1_path, "--phi1_path") if phi1_path else None
+    phis = [load_array(p, "--phi_paths") for p in phi_paths] if phi_paths else None
+    n = len(phi1) if phi1 is not None else len(phis[0])
+    y = load_labels(labels_path, "--gt_labels_path", n) if labels_path else None
+    return phi1, phis, y
 
 
-def ensemble(phi1, tasks):
+def ensemble(phi1, tasks, phis=None):
     """Each task's predictions, CV scores, the best-CV seed, the ensemble vote and k (evaluate.py's recipe)."""
-    preds, cv, k = task_predictions(phi1, tasks)
+    preds, cv, k = task_predictions(phi1, tasks, phis)
     best, vote = evaluate_ensemble(preds, cv)
     return preds, cv, best, vote, k
 
@@ -212,8 +221,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     tasks = find_tasks(args.tasks_path)
     runs = read_metrics(args.tasks_path)
-    phi1, y = evaluation_data(args, tasks)
-    preds, cv, best, vote, k = ensemble(phi1, tasks)
+    phi1, phis, y = evaluation_data(args, tasks)
+    preds, cv, best, vote, k = ensemble(phi1, tasks, phis)
     ensure_dir(args.out, "--out")
     prefix = args.prefix or os.path.basename(os.path.normpath(os.path.abspath(args.tasks_path)))
     path = {name: os.path.join(args.out, f"{prefix}_{name}.png") for name in FIGSIZE}

@@ -116,12 +116,8 @@ def predict(heads, phis):
 
 def export_task(theta):
     """TURTLE's checkpoint layout: {"phi1": state_dict, ...} of plain nn.Linear heads (weight norm folded in)."""
-    out = {}
-    for i, head in enumerate(theta):
-        plain = nn.Linear(head.in_features, head.out_features)
-        plain.load_state_dict({"weight": head.weight.detach(), "bias": head.bias.detach()})
-        out[f"phi{i + 1}"] = {k: v.cpu() for k, v in plain.state_dict().items()}
-    return out
+    return {f"phi{i + 1}": {"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone()}
+            for i, head in enumerate(theta)}
 
 
 def load_task(path, dims):
@@ -188,6 +184,7 @@ def load_data(args):
             raise HumeError(f"--phi_paths_val {p} has dimension {b.shape[1]} but its training array has "
                             f"{a.shape[1]}; both must come from the same representation")
     d["y_val"] = load_labels(y_path, "--gt_labels_path", len(d["phis_val"][0])) if y_path else None
+    d["paths_val"], d["y_path"] = paths_val or paths, y_path  # recorded in the results (plot.py reads them)
     if args.k > len(d["phis"][0]):
         raise HumeError(f"--k {args.k} is larger than the number of training points ({len(d['phis'][0])})")
     return d
@@ -269,34 +266,38 @@ def train(args, d):
         loss, pred_error, entropy = outer_loss(theta, inner, batch, args.gamma)
         loss.backward()
         opt.step()
-        if (it + 1) % args.eval_every == 0 or it + 1 == args.T:
-            loss, pred_error, entropy = torch.stack([loss, pred_error, entropy]).tolist()
-            if not np.isfinite(loss):
-                raise HumeError(f"the outer loss became {loss} at iteration {it + 1}; lower --outer_lr or "
-                                "--inner_lr")
-            preds = predict(theta, phis_val)
-            record = {"iteration": it + 1, "loss": loss, "pred_error": pred_error, "entropy": entropy,
-                      "clusters_found": int(len(np.unique(preds))), "seconds": round(time.time() - t0, 3)}
-            if d["y_val"] is not None:
-                record["metrics"] = all_metrics(d["y_val"], preds)
-            bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{record['metrics']['acc']:.4f}"}
-                                                   if "metrics" in record else {}))
+        if (it + 1) % args.eval_every == 0 or it + 1 == args.T:  # the only host syncs of the loop
+            record = evaluation(it + 1, (loss, pred_error, entropy), theta, phis_val, d["y_val"], time.time() - t0)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", clusters=record["clusters_found"],
+                            **{k: f"{v:.4f}" for k, v in record.get("metrics", {}).items() if k == "acc"})
             append_jsonl(metrics_path, record)
         if (it + 1) % args.ckpt_every == 0 or it + 1 == args.T:
             save_checkpoint(args, it + 1, theta, opt, inner, inner_opt, gen, time.time() - t0)
     return theta, time.time() - t0
 
 
+def evaluation(it, losses, theta, phis_val, y_val, seconds):
+    """One metrics_{seed}.jsonl record: the outer loss and its two terms, clusters used, ACC/ARI/NMI if labels."""
+    loss, pred_error, entropy = torch.stack(losses).tolist()
+    if not np.isfinite(loss):
+        raise HumeError(f"the outer loss became {loss} at iteration {it}; lower --outer_lr or --inner_lr")
+    preds = predict(theta, phis_val)
+    record = {"iteration": it, "loss": loss, "pred_error": pred_error, "entropy": entropy,
+              "clusters_found": int(len(np.unique(preds))), "seconds": round(seconds, 3)}
+    if y_val is not None:
+        record["metrics"] = all_metrics(y_val, preds)
+    return record
+
+
 def finish(args, d, theta, seconds):
     """Predictions on the evaluation points, the label-free CV score (mean over spaces) and the two task files."""
-    dev = torch.device(args.device)
-    on = lambda arrays: [torch.from_numpy(a).to(dev) for a in arrays]
-    preds = predict(theta, on(d["phis_val"]))
-    cv_arrays = d["phis"] if args.cross_val else d["phis_val"]
-    cv_preds = predict(theta, on(cv_arrays)) if args.cross_val else preds
-    cv = float(np.mean([cv_score(a, cv_preds) for a in cv_arrays]))
+    on_device = lambda arrays: [torch.from_numpy(a).to(args.device) for a in arrays]
+    preds = predict(theta, on_device(d["phis_val"]))
+    cv_on = d["phis"] if args.cross_val else d["phis_val"]  # TURTLE's --cross_val scores the training points
+    cv_preds = predict(theta, on_device(cv_on)) if args.cross_val else preds
+    cv = float(np.mean([cv_score(a, cv_preds) for a in cv_on]))  # several spaces: mean over them, as TURTLE
     results = {"CV_Score": cv, "preds": preds, "args": vars(args), "seconds": seconds, "method": "turtle",
-               "phi_paths": d["paths"]}
+               "phi_paths": d["paths"], "phi_paths_val": d["paths_val"], "gt_labels_path": d["y_path"]}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
     torch_save(export_task(theta), os.path.join(args.exp_path, f"turtle_task_{args.seed}.pt"))

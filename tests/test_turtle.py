@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import annotate
 import evaluate
+import plot
 import run_turtle
 from helpers import blobs, cli, hungarian_acc, save_npy
 
@@ -195,6 +197,21 @@ def test_demo_runs_inductively(tmp_path):
     with open(tmp_path / "results_0.pickle", "rb") as f:
         res = pickle.load(f)
     assert len(res["preds"]) == 360 and "acc" in res["metrics"]  # the demo's test split
+
+
+def test_plot_and_annotate_read_a_turtle_folder(problem, tmp_path):
+    p, out = problem["paths"], str(tmp_path / "run")
+    for seed in ("0", "1"):
+        run_ok(two_spaces(p) + FAST + ["--exp_path", out, "--seed", seed])
+    code, stdout, err = cli(plot.main, ["--tasks_path", out, "--out", str(tmp_path / "figs")])  # paths as recorded
+    assert code == 0, err
+    assert len([line for line in stdout.splitlines() if line.endswith(".png")]) == 4
+    report = str(tmp_path / "sim.json")
+    code, _, err = cli(annotate.main, ["--tasks_path", out, "--phi1_path", p["phi1_val"], "--phi2_path",
+                                       p["phi2_val"], "--phi_paths", p["phi1_val"], p["phi2_val"], "--simulate",
+                                       "--gt_labels_path", p["y_val"], "--json", report, "--quiet"])
+    assert code == 0, err
+    assert os.path.isfile(report)
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
