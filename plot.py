@@ -1,5 +1,5 @@
-"""Figures of a folder of HUME (or run_turtle.py) tasks: training curves, the ensemble's confusion matrix, CV score against accuracy
-and the ensemble's cluster sizes, as PNGs.
+"""Figures of a folder of HUME (or run_turtle.py) tasks: training curves, the ensemble's confusion matrix, CV score
+against accuracy and the ensemble's cluster sizes, as PNGs.
 
     python plot.py --tasks_path tasks/demo                 # evaluation points and labels as hume.py recorded them
     python plot.py --tasks_path tasks/inductive/moco_dino/cifar10/ --out figures/ \
@@ -9,8 +9,8 @@ Writes {prefix}_curves.png (outer loss and ACC/ARI/NMI per iteration from metric
 {prefix}_confusion.png (ensemble vs ground truth, Hungarian-ordered), {prefix}_cv_vs_acc.png (does the label-free
 CV score pick good tasks?) and {prefix}_cluster_sizes.png into --out, and prints their paths. Without
 --phi1_path (TURTLE tasks: --phi_paths), the evaluation points and labels are those recorded in
-results_{seed}.pickle. Without labels, the figures that need them are skipped with a note. The ensemble is evaluate.py's: tasks matched to the best-CV task,
-then a majority vote. Bad inputs end with one line on stderr and exit code 2.
+results_{seed}.pickle. Without labels, the figures that need them are skipped with a note. The ensemble is
+evaluate.py's: tasks matched to the best-CV task, then a majority vote. Bad inputs end with one line on stderr and exit code 2.
 """
 import json
 import os

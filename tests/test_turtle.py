@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import annotate
 import evaluate
 import plot
 import run_turtle
-from helpers import blobs, cli, hungarian_acc, save_npy
+from helpers import REPO, blobs, child_env, cli, hungarian_acc, save_npy
 
 FAST = ["--T", "4", "--M", "2", "--eval_every", "2", "--device", "cpu", "--quiet"]
 
@@ -212,6 +213,21 @@ def test_plot_and_annotate_read_a_turtle_folder(problem, tmp_path):
                                        "--gt_labels_path", p["y_val"], "--json", report, "--quiet"])
     assert code == 0, err
     assert os.path.isfile(report)
+
+
+def test_sweep_runs_turtle_seeds_then_evaluates(problem, tmp_path):
+    p, exp = problem["paths"], str(tmp_path / "sweep")
+    cmd = ["bash", os.path.join(REPO, "sweep.sh"), "--turtle", "--seeds", "0 1", "--jobs", "2", "--eval_phi_paths",
+           f"{p['phi1_val']} {p['phi2_val']}", "--eval_labels", p["y_val"], "--"] + two_spaces(p) + FAST + \
+        ["--exp_path", exp]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(os.path.join(exp, "evaluation.json")) as f:
+        report = json.load(f)
+    assert sorted(report["tasks"]) == ["0", "1"] and "acc" in report["ensemble"]
+    again = subprocess.run(cmd[:2] + ["--no_eval"] + cmd[2:], cwd=REPO, env=child_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skipped, its task already exists") == 2
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
