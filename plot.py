@@ -10,7 +10,8 @@ Writes {prefix}_curves.png (outer loss and ACC/ARI/NMI per iteration from metric
 CV score pick good tasks?) and {prefix}_cluster_sizes.png into --out, and prints their paths. Without
 --phi1_path (TURTLE tasks: --phi_paths), the evaluation points and labels are those recorded in
 results_{seed}.pickle. Without labels, the figures that need them are skipped with a note. The ensemble is
-evaluate.py's: tasks matched to the best-CV task, then a majority vote. Bad inputs end with one line on stderr and exit code 2.
+evaluate.py's: tasks matched to the best-CV task, then a majority vote. Bad inputs end with one line on stderr
+and exit code 2.
 """
 import json
 import os
