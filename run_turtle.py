@@ -169,8 +169,9 @@ def check_args(args):
 
 
 def load_data(args):
-    """{"phis", "phis_val", "y_val"}, checked against each other; evaluation = training points when no
-    --phi_paths_val (transductive). No path flags: the demo's phi2, trained on its train split, scored on its test."""
+    """{"phis", "phis_val", "y_val"} and their paths, checked against each other; evaluation = training points
+    when no --phi_paths_val (transductive). No path flags: the demo's phi2, trained on its train split, scored on its
+    test split."""
     if args.phi_paths is None:
         paths, paths_val, y_path = [DEMO["phi2_train"]], [DEMO["phi2_test"]], DEMO["labels_test"]
     else:
