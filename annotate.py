@@ -37,6 +37,8 @@ def build_parser():
     p.add_argument("--tasks_path", default="./linear_tasks/", help="folder of HUME tasks (linear_task_{seed}.pt)")
     p.add_argument("--phi1_path", help="phi1 of the points to label; default: the bundled demo's test split")
     p.add_argument("--phi2_path", help="phi2 of the same points (picks are made there); default: the demo's test")
+    p.add_argument("--phi_paths", nargs="+", help="TURTLE tasks (run_turtle.py): every space's array of the same "
+                   "points, in the training order; default: --phi2_path alone")
     p.add_argument("--budget", type=int, help="how many samples the human will label (pick mode)")
     p.add_argument("--apply", metavar="LABELS.csv", help="a CSV with columns index,label: name the clusters and "
                    "write the full labeling")
@@ -55,9 +57,10 @@ def build_parser():
 
 # ---------------------------------------------------------------- clusters
 
-def ensemble_clusters(phi1, tasks_path):
-    """evaluate.py's ensemble labeling of phi1: tasks aligned (Hungarian) to the best-CV task, majority vote."""
-    preds, cv, _ = task_predictions(phi1, find_tasks(tasks_path))
+def ensemble_clusters(phi1, tasks_path, phis=None):
+    """evaluate.py's ensemble labeling of phi1 (TURTLE tasks: of phis): tasks aligned (Hungarian) to the best-CV
+    task, majority vote."""
+    preds, cv, _ = task_predictions(phi1, find_tasks(tasks_path), phis)
     return ensemble(preds, cv)[1]
 
 
@@ -200,7 +203,9 @@ def main(argv=None):
         check_output_file(args.out or ("picks.csv" if args.budget is not None else "named_labels.npy"), "--out")
     if args.simulate and args.json:
         check_output_file(args.json, "--json")
-    clusters = ensemble_clusters(phi1, args.tasks_path)
+    phis = [load_array(p, "--phi_paths") for p in args.phi_paths] if args.phi_paths else [phi2]
+    check_rows([("--phi1_path", phi1)] + [(f"--phi_paths {p}", a) for p, a in zip(args.phi_paths or [], phis)])
+    clusters = ensemble_clusters(phi1, args.tasks_path, phis)
     k = len(np.unique(clusters))
     if args.budget is not None:
         out = args.out or "picks.csv"

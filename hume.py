@@ -15,7 +15,6 @@ Equation numbers in comments are those of the paper (arXiv 2311.02940v1, the Neu
 code cites them: Eq. 3 the task encoder, Eq. 5 the inner problem, Eq. 7 HUME's objective.
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -31,8 +30,8 @@ import inner_lr
 from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
-from utils import (HumeError, append_jsonl, ensure_dir, interruptible, log, pickle_save, read_jsonl, run_cli,
-                   seed_everything, seed_lock, torch_save, warn, write_bytes)
+from utils import (HumeError, append_jsonl, ensure_dir, interruptible, keep_log_until, log, pickle_save, run_cli,
+                   seed_everything, seed_lock, start_log, torch_save, warn)
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -130,28 +129,6 @@ def train(cfg, data, steps, world=None):
 def inner_lrs(steps):
     """The inner step(s) as logged and saved: one number, or a list with one per phi2 space."""
     return steps[0].lr if len(steps) == 1 else [s.lr for s in steps]
-
-
-def keep_log_until(path, iteration):
-    """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
-    last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
-    if os.path.islink(path):
-        raise HumeError(f"{path} is a symbolic link, not the log hume.py wrote; remove it and rerun")
-    kept = []  # rewritten even when missing
-    for line, rec in read_jsonl(path, required=("iteration",)) if os.path.isfile(path) else []:
-        if not isinstance(rec["iteration"], int):
-            raise HumeError(f"{path}:{line}: iteration {rec['iteration']!r} is not a number; delete that line")
-        if rec["iteration"] <= iteration:
-            kept.append(rec)
-    write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
-
-
-def start_log(path, fresh):
-    """A fresh run empties the metrics log once, at its first write (a finished seed's log survives a rerun
-    that fails before that). fresh: a one-element list, cleared here."""
-    if fresh[0]:
-        write_bytes(path, b"")
-        fresh[0] = False
 
 
 def divergence_cause(steps, tau):

@@ -4,18 +4,21 @@ A task is a linear map W (k x d1) with orthonormal rows in space phi1. Training 
 a point's predicted class is argmax(phi1 W^T). Saved as the state_dict of
 orthogonal(nn.Linear(d1, k, bias=False)) in linear_task_{seed}.pt, beside results_{seed}.pickle (its CV_Score): the
 layout of the paper's code, so folders of either implementation load here.
+TURTLE's task encoder (run_turtle.py) is one weight-normalised linear head per space, its labels the mean softmax;
+saved as turtle_task_{seed}.pt in TURTLE's own layout, {"phi1": state_dict, ...} of plain nn.Linear heads.
 """
 import os
 import re
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsemax import sparsemax
 from utils import HumeError, load_results
 
-TASK_FILE = re.compile(r"linear_task_(-?\d+)\.pt")  # linear_task_{iter}_{seed}.pt (--save_all) does not match
+TASK_FILE = re.compile(r"(?:linear|turtle)_task_(-?\d+)\.pt")  # not linear_task_{iter}_{seed}.pt (--save_all)
 
 
 def make_task_encoder(d1, k):
@@ -49,21 +52,29 @@ def init_inner(gen, S, k, d2, dtype):
 # ---------------------------------------------------------------- task folders
 
 def find_tasks(folder):
-    """{seed: (task path, results path)} for every task in folder; every task needs its results pickle."""
+    """{seed: (task path, results path)} for every HUME or TURTLE task in folder; every task needs its results
+    pickle."""
     if not os.path.isdir(folder):
         raise HumeError(f"--tasks_path {folder}: no such folder")
-    seeds = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
-    if not seeds:
-        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt files; run hume.py with --exp_path "
-                        f"{folder} first")
+    names = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
+    if not names:
+        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt or turtle_task_{{seed}}.pt files; run "
+                        f"hume.py or run_turtle.py with --exp_path {folder} first")
     tasks = {}
-    for s in seeds:
+    for s, name in names:
         res = os.path.join(folder, f"results_{s}.pickle")
+        if s in tasks:
+            raise HumeError(f"--tasks_path {folder}: seed {s} has both a HUME and a TURTLE task, which would share "
+                            f"results_{s}.pickle; keep each method in its own folder")
         if not os.path.isfile(res):
-            raise HumeError(f"--tasks_path {folder}: linear_task_{s}.pt has no results_{s}.pickle (its CV score); "
+            raise HumeError(f"--tasks_path {folder}: {name} has no results_{s}.pickle (its CV score); "
                             "rerun that seed or remove the task")
-        tasks[s] = (os.path.join(folder, f"linear_task_{s}.pt"), res)
+        tasks[s] = (os.path.join(folder, name), res)
     return tasks
+
+
+def is_turtle(task_path):
+    return os.path.basename(task_path).startswith("turtle_task_")
 
 
 def load_task(path, d1):
@@ -97,19 +108,85 @@ def check_one_kind(tasks, values, name, what):
                         f"{what} ({mix}); keep one per folder")
 
 
-def task_predictions(phi1, tasks):
-    """{seed: argmax(phi1 W^T)}, {seed: CV score} and k (phi1: a float array). Tasks of different k or phi1
+# ---------------------------------------------------------------- TURTLE's task encoder
+
+def make_turtle_encoder(dims, k):
+    """theta: one weight-normalised nn.Linear(d_i, k) per space (TURTLE's task encoder)."""
+    return nn.ModuleList(nn.utils.parametrizations.weight_norm(nn.Linear(d, k)) for d in dims)
+
+
+def turtle_labels(theta, phis):
+    """TURTLE's labels: the mean over spaces of softmax(theta_i(phi_i)); also each space's own labels."""
+    per_space = [F.softmax(head(z), dim=1) for head, z in zip(theta, phis)]  # each (n, k)
+    return torch.stack(per_space).mean(0), per_space
+
+
+@torch.no_grad()
+def turtle_predict(heads, phis):
+    """argmax of the mean softmax over spaces (heads: theta, or the plain heads of a saved task)."""
+    return turtle_labels(heads, phis)[0].argmax(1).cpu().numpy()
+
+
+def export_turtle_task(theta):
+    """TURTLE's checkpoint layout: {"phi1": state_dict, ...} of plain nn.Linear heads (weight norm folded in)."""
+    return {f"phi{i + 1}": {"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone()}
+            for i, head in enumerate(theta)}
+
+
+def load_turtle_task(path, dims):
+    """The plain nn.Linear(d_i, k) heads of a turtle_task file (ours or TURTLE's released ones), checked against
+    the spaces given."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        k = state["phi1"]["weight"].shape[0]
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise HumeError(f"{path}: not a TURTLE task file ({type(e).__name__}: {first})") from None
+    if len(state) != len(dims):
+        raise HumeError(f"{path}: a task over {len(state)} space(s) but {len(dims)} --phi_paths given; give one "
+                        "array per space, in the order it was trained with")
+    heads = nn.ModuleList()
+    for i, d in enumerate(dims):
+        head = nn.Linear(d, k)
+        try:
+            head.load_state_dict(state[f"phi{i + 1}"], strict=True)
+        except (KeyError, RuntimeError) as e:
+            raise HumeError(f"{path}: space phi{i + 1} does not load into nn.Linear({d}, {k}) "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]}); is --phi_paths in the training "
+                            "order?") from None
+        heads.append(head)
+    return heads
+
+
+# ---------------------------------------------------------------- predictions of a folder
+
+def task_predictions(phi1, tasks, phis=None):
+    """{seed: predictions}, {seed: CV score} and k. HUME tasks predict argmax(phi1 W^T) (phi1: a float array),
+    TURTLE tasks the argmax of their mean softmax over phis (every space's array). Tasks of different k or phi1
     dimension in one folder are refused."""
-    phi1 = torch.from_numpy(np.asarray(phi1, dtype=np.float32))
     d1s = {}
     for s, (path, _) in tasks.items():
         try:
-            d1s[s] = torch.load(path, map_location="cpu", weights_only=True)["parametrizations.weight.original"].shape[1]
+            if not is_turtle(path):
+                d1s[s] = torch.load(path, map_location="cpu", weights_only=True)[
+                    "parametrizations.weight.original"].shape[1]
         except Exception:
             continue  # load_task reports a damaged task file
     check_one_kind(tasks, d1s, "d1", "phi1 dimension")
-    W = {s: load_task(task_path, phi1.shape[1]) for s, (task_path, _) in tasks.items()}
-    check_one_kind(tasks, {s: w.shape[0] for s, w in W.items()}, "k", "k")
-    preds = {s: (phi1 @ W[s].T).argmax(1).numpy() for s in tasks}
+    preds, ks = {}, {}
+    for s, (path, _) in tasks.items():
+        if is_turtle(path):
+            if phis is None:
+                raise HumeError(f"{path} is a TURTLE task: give --phi_paths, every space's array of the points")
+            heads = load_turtle_task(path, [a.shape[1] for a in phis])
+            preds[s] = turtle_predict(heads, [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in phis])
+            ks[s] = heads[0].out_features
+        else:
+            if phi1 is None:
+                raise HumeError(f"{path} is a HUME task: give --phi1_path, phi1 of the points to label")
+            W = load_task(path, phi1.shape[1])
+            preds[s] = (torch.from_numpy(np.asarray(phi1, dtype=np.float32)) @ W.T).argmax(1).numpy()
+            ks[s] = W.shape[0]
+    check_one_kind(tasks, ks, "k", "k")
     cv = {s: load_results(res_path)["CV_Score"] for s, (_, res_path) in tasks.items()}  # a hostile pickle runs nothing
-    return preds, cv, max(w.shape[0] for w in W.values())
+    return preds, cv, max(ks.values())

@@ -1,5 +1,5 @@
-"""Figures of a folder of HUME tasks: training curves, the ensemble's confusion matrix, CV score against accuracy
-and the ensemble's cluster sizes, as PNGs.
+"""Figures of a folder of HUME (or run_turtle.py) tasks: training curves, the ensemble's confusion matrix, CV score
+against accuracy and the ensemble's cluster sizes, as PNGs.
 
     python plot.py --tasks_path tasks/demo                 # evaluation points and labels as hume.py recorded them
     python plot.py --tasks_path tasks/inductive/moco_dino/cifar10/ --out figures/ \
@@ -8,9 +8,9 @@ and the ensemble's cluster sizes, as PNGs.
 Writes {prefix}_curves.png (outer loss and ACC/ARI/NMI per iteration from metrics_{seed}.jsonl, one line per seed),
 {prefix}_confusion.png (ensemble vs ground truth, Hungarian-ordered), {prefix}_cv_vs_acc.png (does the label-free
 CV score pick good tasks?) and {prefix}_cluster_sizes.png into --out, and prints their paths. Without
---phi1_path, the evaluation points and labels are those recorded in results_{seed}.pickle. Without labels, the
-figures that need them are skipped with a note. The ensemble is evaluate.py's: tasks matched to the best-CV task,
-then a majority vote.
+--phi1_path (TURTLE tasks: --phi_paths), the evaluation points and labels are those recorded in
+results_{seed}.pickle. Without labels, the figures that need them are skipped with a note. The ensemble is
+evaluate.py's: tasks matched to the best-CV task, then a majority vote.
 
     python plot.py --montage --tasks_path tasks/mine/ --phi1_path data/representations/resnet/minetrain_l2.npy \
         --phi2_path data/representations/swag/minetrain.npy --out figures/ --prefix mine
@@ -48,6 +48,8 @@ def build_parser():
     p.add_argument("--out", default="figures/", help="folder for the PNGs (created)")
     p.add_argument("--prefix", help="file name prefix; default: the name of the tasks folder")
     p.add_argument("--phi1_path", help="phi1 of the evaluation points; default: as recorded by hume.py")
+    p.add_argument("--phi_paths", nargs="+", help="TURTLE tasks: every space's array of the evaluation points; "
+                   "default: as recorded by run_turtle.py")
     p.add_argument("--gt_labels_path", help="labels of those points (for the figures that need them); "
                    "default: as recorded by hume.py when --phi1_path is not given")
     p.add_argument("--montage", action="store_true", help="instead, draw what is in each cluster: a row per non-empty "
@@ -84,36 +86,44 @@ def read_metrics(folder):
 
 
 def recorded_paths(tasks):
-    """(phi1 path, labels path) of the evaluation points as hume.py recorded them in its results pickles."""
+    """(phi1 path, or run_turtle.py's list of every space's path; labels path) of the evaluation points as
+    hume.py or run_turtle.py recorded them in its results pickles."""
     for seed, (_, res_path) in tasks.items():
-        rec = load_results(res_path).get("args")  # restricted unpickler: a hostile pickle cannot run code
-        rec = rec if isinstance(rec, dict) else {}
-        phi1, labels = rec.get("phi1_path_val") or rec.get("phi1_path"), rec.get("gt_labels_path")
+        res = load_results(res_path)  # restricted unpickler: a hostile pickle cannot run code
+        rec = res.get("args") if isinstance(res.get("args"), dict) else {}
+        phi1 = res.get("phi_paths_val") or rec.get("phi1_path_val") or rec.get("phi1_path")
+        labels = res.get("gt_labels_path") or rec.get("gt_labels_path")
         if phi1:
-            if not isinstance(phi1, str) or not isinstance(labels, (str, type(None))):
+            names = phi1 if isinstance(phi1, (list, tuple)) else [phi1]
+            if not all(isinstance(p, str) for p in names) or not isinstance(labels, (str, type(None))):
                 raise HumeError(f"{res_path}: its recorded data paths are not file names; pass --phi1_path")
-            return phi1, labels, f"results_{seed}.pickle"
+            return phi1 if isinstance(phi1, str) else list(phi1), labels, f"results_{seed}.pickle"
     raise HumeError("the results pickles record no data paths (written by the paper's hume.py?): pass --phi1_path")
 
 
 def evaluation_data(args, tasks):
-    if args.gt_labels_path and not args.phi1_path:
-        raise HumeError("--gt_labels_path needs --phi1_path (the points those labels belong to)")
-    phi1_path, labels_path, source = args.phi1_path, args.gt_labels_path, "the flags"
-    if not phi1_path:
-        phi1_path, labels_path, source = recorded_paths(tasks)
-        for path in (phi1_path, labels_path):
+    """phi1 (HUME tasks), every space's array (TURTLE tasks, else None) and the labels of the evaluation points."""
+    if args.gt_labels_path and not (args.phi1_path or args.phi_paths):
+        raise HumeError("--gt_labels_path needs --phi1_path or --phi_paths (the points those labels belong to)")
+    phi1_path, phi_paths, labels_path, source = args.phi1_path, args.phi_paths, args.gt_labels_path, "the flags"
+    if not (phi1_path or phi_paths):
+        recorded, labels_path, source = recorded_paths(tasks)
+        phi1_path, phi_paths = (recorded, None) if isinstance(recorded, str) else (None, recorded)
+        for path in [phi1_path, labels_path] + (phi_paths or []):
             if path and not os.path.isfile(path):
-                raise HumeError(f"{path}, recorded in {source}, is gone: pass --phi1_path (and --gt_labels_path)")
-    log(f"evaluation points: {phi1_path} (from {source})")
-    phi1 = load_array(phi1_path, "--phi1_path")
-    y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if labels_path else None
-    return phi1_path, phi1, y
+                raise HumeError(f"{path}, recorded in {source}, is gone: pass --phi1_path or --phi_paths (and "
+                                "--gt_labels_path)")
+    log(f"evaluation points: {phi1_path or ' '.join(phi_paths)} (from {source})")
+    phi1 = load_array(phi1_path, "--phi1_path") if phi1_path else None
+    phis = [load_array(p, "--phi_paths") for p in phi_paths] if phi_paths else None
+    n = len(phi1) if phi1 is not None else len(phis[0])
+    y = load_labels(labels_path, "--gt_labels_path", n) if labels_path else None
+    return phi1_path, phi1, phis, y
 
 
-def ensemble(phi1, tasks):
+def ensemble(phi1, tasks, phis=None):
     """Each task's predictions, CV scores, the best-CV seed, the ensemble vote and k (evaluate.py's recipe)."""
-    preds, cv, k = task_predictions(phi1, tasks)
+    preds, cv, k = task_predictions(phi1, tasks, phis)
     best, vote = vote_ensemble(preds, cv)
     return preds, cv, best, vote, k
 
@@ -230,7 +240,9 @@ def draw_montage(args, tasks, prefix):
     """plot.py --montage: the member thumbnails of every cluster (or, with --texts, their texts in the terminal)."""
     if args.per_cluster < 1:
         raise HumeError(f"--per_cluster must be >= 1, got {args.per_cluster}")
-    phi1_path, phi1, _ = evaluation_data(args, tasks)
+    phi1_path, phi1, phis, _ = evaluation_data(args, tasks)
+    if phi1 is None:  # TURTLE tasks: the points are named by their first space
+        phi1_path, phi1 = (args.phi_paths or recorded_paths(tasks)[0])[0], phis[0]
     phi = load_array(args.phi2_path, "--phi2_path") if args.phi2_path else phi1
     check_rows([("--phi1_path", phi1), ("--phi2_path", phi)])
     if args.texts:
@@ -241,7 +253,7 @@ def draw_montage(args, tasks, prefix):
             raise HumeError(f"--montage: no {sources_path(phi1_path)} (extract.py writes it beside the array): give "
                             "the images with --sources FILE, or --texts FILE for data without images")
         check_source_files(sources, "--montage")
-    _, _, _, vote, k = ensemble(phi1, tasks)
+    _, _, _, vote, k = ensemble(phi1, tasks, phis)
     rows = montage.groups(vote, phi, args.per_cluster)
     if args.texts:
         log("\n".join(montage.text_rows(rows, texts)))
@@ -275,8 +287,8 @@ def main(argv=None):
     path = {name: os.path.join(args.out, f"{prefix}_{name}.png") for name in FIGSIZE}
     for p in path.values():
         check_output_file(p, "--out")
-    _, phi1, y = evaluation_data(args, tasks)
-    preds, cv, best, vote, k = ensemble(phi1, tasks)
+    _, phi1, phis, y = evaluation_data(args, tasks)
+    preds, cv, best, vote, k = ensemble(phi1, tasks, phis)
     if y is None:
         log("note: no ground-truth labels: skipped the confusion matrix and CV-vs-ACC figures (give --phi1_path "
             "and --gt_labels_path to draw them)" +

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run hume.py for several seeds over the GPUs of one machine, then score the folder with evaluate.py.
+# Run hume.py (or run_turtle.py: --turtle) for several seeds over the GPUs of one machine, then score the folder
+# with evaluate.py.
 #
 #   bash sweep.sh                                   # seeds 0..9 of the bundled demo, into ./linear_tasks/
 #   bash sweep.sh --seeds "0 1 2" --jobs 2 -- --exp_path tasks/demo --num_iters 150 --outer_lr 0.01
@@ -7,6 +8,7 @@
 #       --eval_labels data/labels/cifar10test_targets.npy -- \
 #       --phi1_path data/representations/mocov2/cifar10train_l2.npy \
 #       --phi2_path data/representations/dino/cifar10train.npy --exp_path tasks/inductive/moco_dino/cifar10/
+#   bash sweep.sh --turtle --seeds "0 1 2 3 4" -- --T 1000 --exp_path tasks/turtle_demo5/
 #
 # See `bash sweep.sh -h`. On a SLURM cluster use slurm/hume_array.sbatch instead (slurm/README.md).
 set -eu
@@ -28,6 +30,9 @@ options:
   --jobs N             runs at a time (default: the number of GPUs, or 1 on CPU)
   --eval_phi1 PATH     evaluate.py --phi1_path (default: evaluate.py's, the bundled demo's test split)
   --eval_labels PATH   evaluate.py --gt_labels_path (default: evaluate.py's)
+  --turtle             run run_turtle.py instead of hume.py (its flags after "--"; default --exp_path
+                       ./turtle_tasks/, run_turtle.py's own)
+  --eval_phi_paths "A B ..."  evaluate.py --phi_paths (TURTLE tasks: every space's array of the points)
   --no_eval            skip the evaluate.py step
   -h, --help           show this help
 
@@ -53,6 +58,8 @@ seeds="0 1 2 3 4 5 6 7 8 9"
 jobs=""
 eval_phi1=""
 eval_labels=""
+eval_phi_paths=""
+script=hume.py
 do_eval=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -61,6 +68,8 @@ while [ $# -gt 0 ]; do
         --jobs) [ $# -ge 2 ] || die "--jobs needs a value"; jobs=$2; shift 2 ;;
         --eval_phi1) [ $# -ge 2 ] || die "--eval_phi1 needs a value"; eval_phi1=$2; shift 2 ;;
         --eval_labels) [ $# -ge 2 ] || die "--eval_labels needs a value"; eval_labels=$2; shift 2 ;;
+        --eval_phi_paths) [ $# -ge 2 ] || die "--eval_phi_paths needs a value"; eval_phi_paths=$2; shift 2 ;;
+        --turtle) script=run_turtle.py; shift ;;
         --no_eval) do_eval=0; shift ;;
         --) shift; break ;;
         *) die "unknown option $1 (hume.py flags go after --; see bash sweep.sh -h)" ;;
@@ -68,6 +77,7 @@ while [ $# -gt 0 ]; do
 done
 # "$@" is now the hume.py flags: read the few that sweep.sh must know about.
 exp_path=./linear_tasks/
+[ "$script" = hume.py ] || exp_path=./turtle_tasks/
 device=""
 own_data=0
 prev=""
@@ -79,7 +89,7 @@ for a in "$@"; do
     case "$a" in
         --exp_path=*) exp_path=${a#--exp_path=} ;;
         --device=*) device=${a#--device=} ;;
-        --phi1_path|--phi1_path=*) own_data=1 ;;
+        --phi1_path|--phi1_path=*|--phi_paths|--phi_paths=*) own_data=1 ;;
         --seed|--seed=*) die "do not pass --seed to hume.py; use sweep.sh --seeds" ;;
     esac
     for full in --exp_path --seed --device; do  # hume.py would take an abbreviation that sweep.sh cannot see
@@ -104,12 +114,12 @@ for s in $seeds; do  # a seed given twice would run twice into the same files (h
     esac
 done
 seeds=$uniq
-if [ -n "$eval_labels" ] && [ -z "$eval_phi1" ]; then
-    die "--eval_labels needs --eval_phi1 (the points those labels belong to)"
+if [ -n "$eval_labels" ] && [ -z "$eval_phi1$eval_phi_paths" ]; then
+    die "--eval_labels needs --eval_phi1 or --eval_phi_paths (the points those labels belong to)"
 fi
-if [ "$own_data" -eq 1 ] && [ -z "$eval_phi1" ] && [ "$do_eval" -eq 1 ]; then
-    die "hume.py gets --phi1_path but sweep.sh no --eval_phi1: evaluate.py would score the tasks on the" \
-        "bundled demo; pass --eval_phi1 (and --eval_labels), or --no_eval"
+if [ "$own_data" -eq 1 ] && [ -z "$eval_phi1$eval_phi_paths" ] && [ "$do_eval" -eq 1 ]; then
+    die "$script gets its own data but sweep.sh no --eval_phi1/--eval_phi_paths: evaluate.py would score the" \
+        "tasks on the bundled demo; pass --eval_phi1 or --eval_phi_paths (and --eval_labels), or --no_eval"
 fi
 
 # ---------------------------------------------------------------- devices
@@ -147,7 +157,8 @@ mkdir -p "$exp_path" || die "--exp_path $exp_path: cannot create the folder"
 todo=""
 nskip=0
 for s in $seeds; do
-    if [ -f "$exp_path/linear_task_$s.pt" ] && [ -f "$exp_path/results_$s.pickle" ]; then
+    if { [ -f "$exp_path/linear_task_$s.pt" ] || [ -f "$exp_path/turtle_task_$s.pt" ]; } &&
+        [ -f "$exp_path/results_$s.pickle" ]; then
         say "seed $s: skipped, its task already exists in $exp_path"
         nskip=$((nskip + 1))
     else
@@ -167,13 +178,13 @@ run_seed() {  # run_seed SEED GPU_OR_EMPTY HUME_FLAGS...
     shift 2
     start=$(date +%s)
     {
-        echo "=== $(date '+%Y-%m-%d %H:%M:%S') sweep.sh: $PY $HERE/hume.py $* $extra --seed $seed" \
+        echo "=== $(date '+%Y-%m-%d %H:%M:%S') sweep.sh: $PY $HERE/$script $* $extra --seed $seed" \
             "${gpu:+(CUDA_VISIBLE_DEVICES=$gpu)}"
     } >>"$log"
     if [ -n "$gpu" ]; then
-        CUDA_VISIBLE_DEVICES=$gpu "$PY" "$HERE/hume.py" "$@" $extra --seed "$seed" >>"$log" 2>&1 || rc=$?
+        CUDA_VISIBLE_DEVICES=$gpu "$PY" "$HERE/$script" "$@" $extra --seed "$seed" >>"$log" 2>&1 || rc=$?
     else
-        "$PY" "$HERE/hume.py" "$@" $extra --seed "$seed" >>"$log" 2>&1 || rc=$?
+        "$PY" "$HERE/$script" "$@" $extra --seed "$seed" >>"$log" 2>&1 || rc=$?
     fi
     if [ "$rc" -eq 0 ]; then
         say "seed $seed: done in $(( $(date +%s) - start ))s"
@@ -220,6 +231,7 @@ fi
 say "evaluating $exp_path"
 set -- --tasks_path "$exp_path" --json "$exp_path/evaluation.json"
 [ -z "$eval_phi1" ] || set -- "$@" --phi1_path "$eval_phi1"
+[ -z "$eval_phi_paths" ] || set -- "$@" --phi_paths $eval_phi_paths
 [ -z "$eval_labels" ] || set -- "$@" --gt_labels_path "$eval_labels"
 "$PY" "$HERE/evaluate.py" "$@" || { echo "sweep.sh: evaluate.py failed on $exp_path" >&2; exit 1; }
 say "evaluation written to $exp_path/evaluation.json"

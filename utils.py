@@ -184,12 +184,12 @@ def _load_npy(path, flag, mmap):
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise HumeError(f"{flag} {path}: holds a pickled object array: refusing to load it (it could run code); "
                             "save a numeric array instead") from None
-        raise HumeError(f"{flag} {path}: damaged .npy file ({_first_line(e)})") from None
+        raise HumeError(f"{flag} {path}: damaged .npy file ({first_line(e)})") from None
     except Exception as e:  # truncated data, unreadable header
-        raise HumeError(f"{flag} {path}: damaged .npy file ({type(e).__name__}: {_first_line(e)})") from None
+        raise HumeError(f"{flag} {path}: damaged .npy file ({type(e).__name__}: {first_line(e)})") from None
 
 
-def _first_line(e):
+def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -382,6 +382,30 @@ def read_jsonl(path, required=()):
     return out
 
 
+# ---------------------------------------------------------------- the metrics log of a run
+
+def keep_log_until(path, iteration):
+    """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
+    last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
+    if os.path.islink(path):
+        raise HumeError(f"{path} is a symbolic link, not the log hume.py wrote; remove it and rerun")
+    kept = []  # rewritten even when missing
+    for line, rec in read_jsonl(path, required=("iteration",)) if os.path.isfile(path) else []:
+        if not isinstance(rec["iteration"], int):
+            raise HumeError(f"{path}:{line}: iteration {rec['iteration']!r} is not a number; delete that line")
+        if rec["iteration"] <= iteration:
+            kept.append(rec)
+    write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
+
+
+def start_log(path, fresh):
+    """A fresh run empties the metrics log once, at its first write (a finished seed's log survives a rerun
+    that fails before that). fresh: a one-element list, cleared here."""
+    if fresh[0]:
+        write_bytes(path, b"")
+        fresh[0] = False
+
+
 def ensure_dir(path, flag):
     if os.path.exists(path) and not os.path.isdir(path):
         raise HumeError(f"{flag} {path}: a file of that name exists; it must be a folder (choose another path)")
@@ -451,11 +475,11 @@ def load_results(path):
     except pickle.UnpicklingError as e:
         if str(e).startswith("refuses"):
             raise HumeError(f"{path}: {e}; this file is not a results pickle written by HUME") from None
-        raise HumeError(f"{path}: damaged results pickle ({_first_line(e)}); rerun that seed") from None
+        raise HumeError(f"{path}: damaged results pickle ({first_line(e)}); rerun that seed") from None
     except OSError as e:
         raise HumeError(f"{path}: cannot be read ({e.strerror})") from None
     except Exception as e:  # truncated (EOFError), garbage bytes, ...
-        raise HumeError(f"{path}: damaged results pickle ({type(e).__name__}: {_first_line(e)}); rerun that "
+        raise HumeError(f"{path}: damaged results pickle ({type(e).__name__}: {first_line(e)}); rerun that "
                         "seed") from None
     if not isinstance(obj, dict) or "CV_Score" not in obj:
         raise HumeError(f"{path}: not a HUME results pickle (expected a dict with a CV_Score)")
