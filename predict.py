@@ -7,14 +7,18 @@ optionally sort their files into one folder per cluster.
         --align_on data/representations/resnet/minetrain_l2.npy --out labels/new      # a few new images
     python predict.py --tasks_path tasks/demo/ --phi1_path data/representations/pca/digitstest_l2.npy \
         --gt_labels_path data/labels/digitstest_targets.npy --out digits_test
+    python predict.py --tasks_path tasks/turtle_demo/ --phi_paths data/representations/ocr/digitstest.npy \
+        --out turtle_test                                           # TURTLE tasks (run_turtle.py): every space
 
 Writes PREFIX.npy (int64, the cluster of each row) and PREFIX.csv with the columns row, cluster, agreement (the
 share of the tasks whose aligned prediction is the vote: how sure the ensemble is), class (with --gt_labels_path:
 the class the cluster is matched to, Hungarian; empty for a cluster left without one) and source (when known: from
 NAME.sources.txt beside NAME.npy, as extract.py writes it, or --sources). The clusters are evaluate.py's ensemble:
-each saved task encoder labels the points (argmax phi1 W^T, so new points need no retraining), every task is
+each saved task encoder labels the points (argmax phi1 W^T; a TURTLE task the argmax of its mean softmax over
+--phi_paths, every space's array of the points; so new points need no retraining), every task is
 matched to the best-CV task, and each point takes the majority vote. The matching is made on the points being
-labelled; --align_on PHI1 makes it on those points and the training points together, so a handful of new points
+labelled; --align_on makes it on those points and the training points together (their phi1, or for TURTLE tasks
+one array per space), so a handful of new points
 get the clusters' numbers of the training points. --sort_into DIR places each source file into DIR/cluster_XX/
 (symlinks; --copy to copy). Nothing is overwritten: an existing output stops the run before anything is written.
 Bad inputs end with one line on stderr and exit code 2.
@@ -28,18 +32,22 @@ import numpy as np
 
 from metrics import align_tasks, align_to, all_metrics, majority_vote
 from model import find_tasks, task_predictions
-from utils import (HumeError, atomic_write, check_source_files, ensure_dir, find_sources, load_array, load_labels,
-                   log, make_parser, run_cli)
+from utils import (HumeError, atomic_write, check_rows, check_source_files, ensure_dir, find_sources, load_array,
+                   load_labels, log, make_parser, run_cli)
 
 
 def build_parser():
     p = make_parser(__doc__)
-    p.add_argument("--tasks_path", required=True, help="folder of tasks written by hume.py (linear_task_{seed}.pt)")
-    p.add_argument("--phi1_path", required=True, help="phi1 of the points to label (training points or new ones), "
-                   "in the space the tasks were trained in")
+    p.add_argument("--tasks_path", required=True, help="folder of tasks written by hume.py (linear_task_{seed}.pt) "
+                   "or run_turtle.py (turtle_task_{seed}.pt)")
+    p.add_argument("--phi1_path", help="HUME tasks: phi1 of the points to label (training points or new ones), in "
+                   "the space the tasks were trained in")
+    p.add_argument("--phi_paths", nargs="+", help="TURTLE tasks: every space's array of the points to label, in "
+                   "the training order")
     p.add_argument("--out", required=True, help="PREFIX: writes PREFIX.npy and PREFIX.csv (folder created)")
-    p.add_argument("--align_on", metavar="PHI1", help="phi1 of the training points: match the tasks on them too "
-                   "(use it when labelling few new points)")
+    p.add_argument("--align_on", nargs="+", metavar="ARRAY", help="the training points in the same spaces (phi1, or "
+                   "one array per --phi_paths space): match the tasks on them too (use it when labelling few new "
+                   "points)")
     p.add_argument("--gt_labels_path", help="true labels of the points: adds the matched class column and prints "
                    "ACC/ARI/NMI")
     p.add_argument("--sources", help="the rows' sources, one a line; default: NAME.sources.txt beside --phi1_path")
@@ -49,15 +57,17 @@ def build_parser():
     return p
 
 
-def ensemble_labels(phi1, tasks, ref=None):
-    """The ensemble's cluster per point, the share of tasks agreeing with it, and k. With ref (phi1 of other
-    points), the tasks are matched to the best-CV task on phi1 and ref together."""
-    both = phi1 if ref is None else np.concatenate([phi1, ref])
-    preds, cv, k = task_predictions(both, tasks)
+def ensemble_labels(points, tasks, ref=None, turtle=False):
+    """The ensemble's cluster per point, the share of tasks agreeing with it, and k. points: the arrays of the points
+    (a list: [phi1] for HUME tasks, every space's with turtle); with ref (the same arrays for other points), the
+    tasks are matched to the best-CV task on both together."""
+    n = len(points[0])
+    both = points if ref is None else [np.concatenate([a, b]) for a, b in zip(points, ref)]
+    preds, cv, k = task_predictions(None, tasks, both) if turtle else task_predictions(both[0], tasks)
     _, aligned = align_tasks(preds, cv)
     vote = majority_vote(list(aligned.values()))
     agreement = np.mean([a == vote for a in aligned.values()], axis=0)
-    return vote[:len(phi1)], agreement[:len(phi1)], k
+    return vote[:n], agreement[:n], k
 
 
 def matched_classes(vote, y):
@@ -143,14 +153,25 @@ def main(argv=None):
     if existing:
         raise HumeError(f"--out {args.out}: {existing[0]} exists; nothing was written: remove it or choose another "
                         "--out")
-    phi1 = load_array(args.phi1_path, "--phi1_path")
-    ref = load_array(args.align_on, "--align_on") if args.align_on else None
-    if ref is not None and ref.shape[1] != phi1.shape[1]:
-        raise HumeError(f"--align_on {args.align_on}: dimension {ref.shape[1]}, but --phi1_path has {phi1.shape[1]}; "
-                        "both must be in the space the tasks were trained in")
-    y = load_labels(args.gt_labels_path, "--gt_labels_path", len(phi1)) if args.gt_labels_path else None
-    sources = find_sources(args.sources, args.phi1_path, len(phi1))
-    vote, agreement, k = ensemble_labels(phi1, find_tasks(args.tasks_path), ref)
+    if (args.phi1_path is None) == (args.phi_paths is None):
+        raise HumeError("give --phi1_path (HUME tasks) or --phi_paths (TURTLE tasks): the points to label")
+    paths, flag = ([args.phi1_path], "--phi1_path") if args.phi1_path else (args.phi_paths, "--phi_paths")
+    points = [load_array(p, flag) for p in paths]
+    check_rows([(f"{flag} {p}", a) for p, a in zip(paths, points)])
+    ref = [load_array(p, "--align_on") for p in args.align_on] if args.align_on else None
+    if ref is not None:
+        if len(ref) != len(points):
+            raise HumeError(f"--align_on: {len(ref)} array(s) for {len(points)} in {flag}; give the training points "
+                            "in the same spaces")
+        check_rows([(f"--align_on {p}", a) for p, a in zip(args.align_on, ref)])
+        for p, a, b in zip(args.align_on, ref, points):
+            if a.shape[1] != b.shape[1]:
+                raise HumeError(f"--align_on {p}: dimension {a.shape[1]}, but {flag} has {b.shape[1]}; both must be "
+                                "in the space the tasks were trained in")
+    n = len(points[0])
+    y = load_labels(args.gt_labels_path, "--gt_labels_path", n) if args.gt_labels_path else None
+    sources = find_sources(args.sources, paths[0], n)
+    vote, agreement, k = ensemble_labels(points, find_tasks(args.tasks_path), ref, turtle=args.phi_paths is not None)
     plan = sort_plan(vote, sources, args.sort_into, k) if args.sort_into else None
     if os.path.dirname(prefix):
         ensure_dir(os.path.dirname(prefix), "--out")

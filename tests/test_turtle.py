@@ -110,6 +110,41 @@ def test_inner_init_is_nn_linear_range_and_reproducible():
 
 # ---------------------------------------------------------------- files
 
+
+def test_predict_labels_new_points_with_turtle_tasks_as_plain_heads_vote(problem, tmp_path):
+    """predict.py on a folder of two TURTLE tasks and points they never saw: the labels equal a majority vote of
+    the tasks recomputed here from the files with plain nn.Linear heads, scipy's matching and a Counter."""
+    import collections
+    from scipy.optimize import linear_sum_assignment
+    import predict
+    out, p = str(tmp_path / "run"), problem["paths"]
+    for seed in ("0", "1"):
+        run_ok(two_spaces(p) + FAST + ["--exp_path", out, "--seed", seed])
+    code, _, err = cli(predict.main, ["--tasks_path", out, "--phi_paths", p["phi1_val"], p["phi2_val"],
+                                      "--out", tmp_path / "labels", "--quiet"])
+    assert code == 0, err
+    preds = {}
+    for seed in (0, 1):
+        state = torch.load(os.path.join(out, f"turtle_task_{seed}.pt"), weights_only=True)
+        probs = 0
+        for key, path in [("phi1", "phi1_val"), ("phi2", "phi2_val")]:
+            z = torch.from_numpy(np.load(p[path]))
+            head = torch.nn.Linear(z.shape[1], 4)
+            head.load_state_dict(state[key], strict=True)
+            probs = probs + torch.softmax(head(z), 1).detach()
+        preds[seed] = probs.argmax(1).numpy()
+    cv = {s: pickle.load(open(os.path.join(out, f"results_{s}.pickle"), "rb"))["CV_Score"] for s in (0, 1)}
+    best, other = (0, 1) if cv[0] >= cv[1] else (1, 0)
+    C = np.zeros((4, 4))
+    np.add.at(C, (preds[other], preds[best]), 1)
+    rows, cols = linear_sum_assignment(-C)
+    aligned = np.array([dict(zip(rows, cols)).get(c, c) for c in preds[other]])
+    expected = [min(collections.Counter([a, b]).most_common(), key=lambda t: (-t[1], t[0]))[0]
+                for a, b in zip(preds[best], aligned)]
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
+
+
+
 def test_saved_task_loads_strict_into_plain_linear_heads(problem, tmp_path):
     out = str(tmp_path / "run")
     run_ok(two_spaces(problem["paths"]) + FAST + ["--exp_path", out, "--seed", "0"])
@@ -272,3 +307,13 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(problem, tmp_path):
         if code != 2 or len(lines) != 1 or not lines[0].startswith("error:") or os.path.exists(out):
             failures.append(f"{name}: exit {code}, stderr {err!r}, wrote {os.path.exists(out)}")
     assert not failures, "\n".join(failures)
+
+
+def test_predict_needs_exactly_one_kind_of_points(problem, tmp_path):
+    import predict
+    from helpers import refused
+    p = problem["paths"]
+    for extra in ([], ["--phi1_path", p["phi1"], "--phi_paths", p["phi2"]]):
+        refused(cli(predict.main, ["--tasks_path", str(tmp_path), "--out", tmp_path / "o"] + extra),
+                "--phi1_path", "--phi_paths")
+    assert not os.listdir(tmp_path)
