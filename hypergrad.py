@@ -31,9 +31,11 @@ Two layouts of the subsets' data (layout="auto" picks by size):
   Classes are padded with zero classifier rows to a multiple of PAD (the logits of padded classes are dropped before
   the softmax, their residuals are zero): skinny float32 GEMMs with 16 columns run faster here than with 10
   (bench.py), and the result is exactly that of k classes. X_tr is kept in both orders, X for X w^T and X^T for
-  X^T G, the fastest form of each. With bf16=True the GEMMs of the inner loop and its adjoint read a bfloat16 copy of
-  X_tr (softmax, residuals, iterates and sums stay in the input's precision): an approximation, ~5x faster GEMMs on
-  CPUs with AVX512_BF16; bench.py reports its hypergradient error against float32.
+  X^T G, the fastest form of each.
+With bf16=True (either layout) the GEMMs of the inner loop and its adjoint read a bfloat16 copy of X and bfloat16
+roundings of w, A and the residuals, and return bfloat16 (no CPU kernel returns float32 from bfloat16 operands);
+softmax, iterates and sums stay in the input's precision. An approximation, ~5x faster GEMMs on CPUs with
+AVX512_BF16; bench.py reports its hypergradient error against float32.
 """
 from types import SimpleNamespace
 
@@ -72,15 +74,16 @@ def gathered_ops(X):  # X: (S, m, D)
         subset_sum=lambda T: T.sum((1, 2)))
 
 
-def shared_ops(X, S):  # X: (N, D)
+def shared_ops(X, S, bf16=False):  # X: (N, D)
     N, D = X.shape
+    Xg, dtype = (X.bfloat16(), torch.bfloat16) if bf16 else (X, X.dtype)  # what the GEMMs read
     return SimpleNamespace(
-        X=X, logits=lambda w: (X @ w.reshape(-1, D).T).view(N, S, -1),
-        grad=lambda G: (G.reshape(N, -1).T @ X).view(S, -1, D),
+        X=X, logits=lambda w: (Xg @ w.reshape(-1, D).to(dtype).T).view(N, S, -1).to(X.dtype),
+        grad=lambda G: (G.reshape(N, -1).to(dtype).T @ Xg).view(S, -1, D).to(X.dtype),
         subset_sum=lambda T: T.sum((0, 2)))
 
 
-def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto"):
+def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
     """Labels and inner-problem data for S subsets. idx: (S, m) point indices, the first m_tr of each row train.
 
     Returns a namespace with Y_rows (labels of the union of rows, for the entropy term), the labels of each subset's
@@ -96,7 +99,7 @@ def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto"):
         p.phi2a, p.idx = phi2a, idx
         p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]  # (S, m_tr, k), (S, m_te, k)
     elif layout == "shared":
-        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S)
+        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S, bf16)
         p.Y_tr = p.Y_te = Y.unsqueeze(1)  # (N, 1, k), broadcast over subsets
         cols = torch.arange(S, device=idx.device).unsqueeze(1)
         p.M_tr = torch.zeros(len(rows), S, 1, dtype=phi2a.dtype, device=phi2a.device)
@@ -306,8 +309,9 @@ def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="a
                  bf16=False):
     """Eq. 5 per subset: CE of the adapted inner classifier on X_te minus H_reg x entropy of the subset's mean
     label. Returns the losses (S,), differentiable w.r.t. W, and the inner fit diagnosis (S, 3).
-    bf16: the subset layout's inner GEMMs read a bfloat16 copy of X_tr (approximate; see the docstring)."""
-    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout)
+    bf16: the inner GEMMs read a bfloat16 copy of X (approximate; see the docstring; not for the unrolled
+    reference)."""
+    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout, bf16 and method != "unrolled")
     if method not in ("adjoint", "unrolled", "first_order"):
         raise ValueError(f"unknown hypergradient method {method!r}")
     if p.layout == "subset" and method != "unrolled":

@@ -176,16 +176,17 @@ def test_two_identical_spaces_give_the_single_space_gradient():
     assert torch.allclose(grad1, grad2, rtol=1e-10, atol=1e-14)
 
 
-def test_bf16_hypergradient_is_close_to_float32():
-    """--bf16 rounds X_tr (and the GEMM operands) to 8 significant bits: the hypergradient stays within a few
-    percent of float32's on a problem of realistic shape (scaled down), and the losses within 1e-2."""
-    phi1, phi2a, encoder, g = problem(n=3000, d1=32, d2=64, k=10, dtype=torch.float32)
-    idx = hume.sample_subsets(g, 3000, 2, 1000)
+@pytest.mark.parametrize("n", [1500, 20000])  # shared, subset layout
+def test_bf16_hypergradient_is_close_to_float32(n):
+    """--bf16 rounds the inner GEMMs' operands and results to 8 significant bits: the hypergradient stays within a
+    percent of float32's on a problem of realistic shape (scaled down), and the loss within 1e-2."""
+    phi1, phi2a, encoder, g = problem(n=n, d1=32, d2=64, k=10, dtype=torch.float32)
+    idx = hume.sample_subsets(g, n, 2, 1000)
     w0 = hume.init_inner(g, 2, 10, 64, torch.float32)
     out = {}
     for bf16 in (False, True):
-        args = SimpleNamespace(**dict(vars(settings(inner_lr=1e-3, steps=30)), bf16=bf16))
+        args = SimpleNamespace(**dict(vars(settings(inner_lr=0.05, steps=30)), bf16=bf16))
         out[bf16] = grad_of(encoder, phi1, phi2a, idx, 900, w0, 0.1, args)
     (loss32, grad32), (loss16, grad16) = out[False], out[True]
     assert abs(loss16 - loss32).item() <= 1e-2 * abs(loss32).item()
-    assert ((grad16 - grad32).norm() / grad32.norm()).item() <= 5e-2
+    assert ((grad16 - grad32).norm() / grad32.norm()).item() <= 2e-2  # measured 2e-3 to 3e-3
