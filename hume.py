@@ -107,13 +107,15 @@ def hypergradient(encoder, phi1, phi2as, idx, m_tr, w0s, tau, args, total_subset
     W_leaf = W.detach().requires_grad_(True)
     method = "first_order" if args.first_order else args.hypergrad
     S = total_subsets or idx.shape[0]
-    rows, inv = torch.unique(idx, return_inverse=True)  # labels and features of each point are read once
-    phi1_r = gather(phi1, rows)
+    # memory-mapped sources: the union of the subsets' rows is read once; in-memory ones are indexed in place
+    in_memory = torch.is_tensor(phi1)
+    rows, inv = (None, idx) if in_memory else torch.unique(idx, return_inverse=True)
+    phi1_r = phi1 if in_memory else gather(phi1, rows)
     lrs = args.inner_lr if isinstance(args.inner_lr, list) else [args.inner_lr] * len(phi2as)
     chunks = [slice(s, s + 1) for s in range(idx.shape[0])] if method == "unrolled" else [slice(None)]
     total, fits = 0.0, []
     for phi2a, w0, lr in zip(phi2as, w0s, lrs):
-        phi2a_r = gather(phi2a, rows)
+        phi2a_r = phi2a if in_memory else gather(phi2a, rows)
         for c in chunks:  # the unrolled reference frees each subset's graph before building the next
             losses, fit = hypergrad.outer_losses(phi1_r, phi2a_r, W_leaf, tau, inv[c], m_tr, w0[c], lr,
                                                  args.adaptation_steps, args.H_reg, method, bf16=args.bf16)
