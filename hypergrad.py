@@ -28,10 +28,11 @@ Two layouts of the subsets' data (layout="auto" picks by size):
   forward and the backward pass. Each subset's loss CE_s depends on its own labels only, and the adjoint is linear in
   the incoming gradient g_s = dL/dCE_s, so the adjoint is run right after the subset's inner loop with g_s = 1 and
   its label gradients are scaled by g_s when autograd asks for them: nothing of the inner loop outlives its subset.
-  Classes are padded with zero classifier rows to a multiple of PAD (the logits of padded classes are dropped before
-  the softmax, their residuals are zero): skinny float32 GEMMs with 16 columns run faster here than with 10
-  (bench.py), and the result is exactly that of k classes. X_tr is kept in both orders, X for X w^T and X^T for
-  X^T G, the fastest form of each.
+  Classes are padded to a multiple of PAD with zero classifier rows, zero labels and logits set to -inf before the
+  softmax, so their probabilities, residuals and adjoint rows are exactly 0 and the result is exactly that of k
+  classes. Skinny float32 GEMMs and softmaxes 16 columns wide run faster than 10 wide (2-core Zen 4, 2 threads:
+  X w^T of 9,000 x 769 x 16 in 2.1 ms vs 2.9 ms for x 10; softmax over 16 columns ~8x faster than over 10).
+  X_tr is kept in both orders, X for X w^T and X^T for X^T G, the fastest form of each (1.9 ms vs 2.8 ms).
 With bf16=True (either layout) the GEMMs of the inner loop and its adjoint read a bfloat16 copy of X and bfloat16
 roundings of w, A and the residuals, and return bfloat16 (no CPU kernel returns float32 from bfloat16 operands);
 softmax, iterates and sums stay in the input's precision. An approximation, ~5x faster GEMMs on CPUs with
@@ -213,7 +214,7 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
     w = X_tr.new_zeros(kp, X_tr.shape[1])
     w[:k] = w0  # padded classes: zero weights, zero labels, and logit -inf (so softmax gives them exactly 0)
     mask = X_tr.new_zeros(kp)
-    mask[k:] = -float("inf")  # the softmax over 16 columns runs ~8x faster than over 10 (bench.py)
+    mask[k:] = -float("inf")
     Y = X_tr.new_zeros(m, kp)
     Y[:, :k] = Y_tr
     keep_probs = order == 2 and steps * m * kp * X_tr.element_size() <= KEEP_PROBS_BYTES
