@@ -2,6 +2,7 @@
 
     python bench.py --scale demo
     python bench.py --scale paper --num_subsets 2 --adaptation_steps 300        # CPU-sized; time scales with S x T
+    python bench.py --scale paper --num_subsets 2 --adaptation_steps 100,300 --methods adjoint,bf16,unrolled
     python bench.py --scale imagenet --num_subsets 1 --adaptation_steps 5,20    # memory growth per inner step
     python bench.py --scale paper --device cuda --json bench.json
     python bench.py --scale paper --num_subsets 4 --adaptation_steps 50 --methods adjoint --nproc 1,2  # torchrun
@@ -9,12 +10,16 @@
 Each (scale, method, steps) runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS over the RSS
 after the data is loaded; GPU: torch.cuda.max_memory_allocated). The machine's sustained GEMM rate (a 2048^3
 matmul, same run) gives each scale's "fraction of peak": the minimal 4 GEMMs of m_tr x d2 x k per inner step and
-subset (2 forward, 2 backward) divided by the time taken, as a share of that rate.
+subset (2 forward, 2 backward) divided by the time taken, as a share of that rate. Likewise "GB/s X": the bytes of
+X_tr those 4 passes read (2 for first_order; bf16 reads a 2-byte copy), per second, beside the machine's streaming
+bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at the paper's scale) nearly fits in the
+L3 cache, so the subset layout may read it faster than memory streams. "MiB/step": growth of peak memory per inner
+step between the step counts given (--adaptation_steps 100,300), else peak / T. Method "bf16" is the adjoint with
+--bf16; its row also gives the relative error of its hypergradient against float32 on the same subsets.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 
 import distributed
-import hypergrad
+import outer
 from inputs import Rows
 from model import init_inner, make_task_encoder, sample_subsets
 from utils import DEMO, make_parser
@@ -74,9 +79,13 @@ def worker(job):
     S, T, k = job["S"], job["T"], job["k"]
     encoder = make_task_encoder(d1, k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    obj = hypergrad.Objective((1e-3,), T, 10.0, job["method"])
+    method = "adjoint" if job["method"] == "bf16" else job["method"]
+    obj = outer.Objective((1e-3,), T, 10.0, method, bf16=job["method"] == "bf16")
     gen = torch.Generator().manual_seed(0)
     base = rss_mib()
+    if dev.type == "cpu":  # reset the peak RSS (VmHWM) so that making the data does not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = job["tf32"]
         torch.cuda.synchronize()
@@ -87,7 +96,8 @@ def worker(job):
         idx = sample_subsets(gen, n, S, m).to(dev)
         w0 = init_inner(gen, S, k, d2, torch.float32).to(dev)
         t0 = time.perf_counter()
-        loss, _, _ = hypergrad.outer_step(encoder, opt, phi1, [phi2], hypergrad.Batch(idx, m_tr, [w0]), 0.1, obj, world)
+        batch = outer.Batch(idx, m_tr, [w0])
+        loss, _, _ = outer.outer_step(encoder, opt, phi1, [phi2], batch, 0.1, obj, world)
         loss.item()  # waits for the device
         times.append(time.perf_counter() - t0)
     distributed.close(world)
@@ -96,11 +106,26 @@ def worker(job):
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open("/proc/self/status") as f:
+            peak = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
     sec = float(np.median(times[job["warmup"]:]))
     flops = 4 * 2 * m_tr * (d2 + 1) * k * S * T
+    passes = 2 if job["method"] == "first_order" else 4
+    x_bytes = passes * m_tr * (d2 + 1) * (2 if obj.bf16 else 4) * S * T
     share = float(np.median(comm[job["warmup"]:]) / sec) if comm else 0.0
-    return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "n": n, "allreduce_share": share}
+    err = bf16_error(encoder, phi1, phi2, batch, obj) if obj.bf16 and not world else None
+    return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "x_gb": x_bytes / 1e9, "n": n,
+            "allreduce_share": share, "bf16_error": err}
+
+
+def bf16_error(encoder, phi1, phi2, batch, obj):
+    """Relative error ||g_bf16 - g_fp32|| / ||g_fp32|| of the hypergradient on the same subsets and inits."""
+    grads = []
+    for bf16 in (False, True):
+        encoder.zero_grad(set_to_none=True)
+        outer.hypergradient(encoder, phi1, [phi2], batch, 0.1, obj._replace(bf16=bf16))
+        grads.append(torch.cat([p.grad.flatten() for p in encoder.parameters()]))
+    return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
 
 def gemm_rate(device, size=2048, repeats=5):
@@ -113,6 +138,19 @@ def gemm_rate(device, size=2048, repeats=5):
         (a @ b).sum().item()
         times.append(time.perf_counter() - t0)
     return 2 * size ** 3 / float(np.median(times[1:])) / 1e9
+
+
+def copy_bandwidth(device, mib=512, repeats=5):
+    """Streaming memory bandwidth in GB/s: a copy of mib MiB, bytes read + written (median of repeats)."""
+    a = torch.ones(mib * 2**18, device=torch.device(device))
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        b[0].item()
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / float(np.median(times[1:])) / 1e9
 
 
 def run_job(job):
@@ -131,7 +169,8 @@ def run_job(job):
 def main():
     p = make_parser(__doc__)
     p.add_argument("--scale", nargs="+", choices=list(SCALES), default=["demo"], help="named problem sizes")
-    p.add_argument("--methods", default="adjoint,unrolled,first_order", help="comma list of methods to time")
+    p.add_argument("--methods", default="adjoint,unrolled,first_order",
+                   help="comma list of methods to time: adjoint, bf16 (adjoint with --bf16), unrolled, first_order")
     p.add_argument("--n", type=int, help="number of synthetic points (paper/imagenet); subsets covering most "
                    "points switch the engine to wide shared GEMMs")
     p.add_argument("--num_subsets", type=int, help="override the scale's subsets per outer iteration")
@@ -147,12 +186,12 @@ def main():
     if a._worker:
         print(json.dumps(worker(json.loads(a._worker))))
         return
-    rate = gemm_rate(a.device)
+    rate, bw = gemm_rate(a.device), copy_bandwidth(a.device)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s")
-    print(f"{'scale':9} {'method':12} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} "
-          f"{'vs unrolled':>12} {'of peak':>8} {'allreduce':>9}")
-    rows = []
+    print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")
+    print(f"{'scale':9} {'method':12} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} {'MiB/step':>8} "
+          f"{'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} {'bf16 err':>8}")
+    rows, first = [], {}
     for scale in a.scale:
         c = dict(SCALES[scale])
         c["n"] = a.n or c["n"]
@@ -165,19 +204,23 @@ def main():
                            warmup=a.warmup, nproc=nproc)
                 r = run_job(job)
                 ref = r if method == "unrolled" else ref
+                T0, peak0 = first.setdefault((scale, method, nproc), (T, r["peak_mib"]))
+                per_step = (r["peak_mib"] - peak0) / (T - T0) if T != T0 else r["peak_mib"] / T
                 row = dict(scale=scale, method=method, nproc=nproc, S=c["S"], T=T, n=r["n"], seconds=r["seconds"],
-                           allreduce_share=r["allreduce_share"],
-                           peak_mib=r["peak_mib"], fraction_of_peak=r["gflop"] / r["seconds"] / rate,
+                           allreduce_share=r["allreduce_share"], peak_mib=r["peak_mib"], mib_per_step=per_step,
+                           fraction_of_peak=r["gflop"] / r["seconds"] / rate, x_gb_per_s=r["x_gb"] / r["seconds"],
+                           bandwidth_gb_per_s=bw, bf16_error=r["bf16_error"],
                            speedup_vs_unrolled=ref["seconds"] / r["seconds"] if ref else None,
                            memory_vs_unrolled=r["peak_mib"] / ref["peak_mib"] if ref else None)
                 rows.append(row)
                 vs = "" if not ref else f"{row['speedup_vs_unrolled']:.2f}x"
+                err = "" if r["bf16_error"] is None else f"{r['bf16_error']:.1e}"
                 print(f"{scale:9} {method:12} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} "
-                      f"{r['peak_mib']:9.1f} {vs:>12} {row['fraction_of_peak']:8.1%} {r['allreduce_share']:9.1%}",
-                      flush=True)
+                      f"{r['peak_mib']:9.1f} {per_step:8.2f} {vs:>12} {row['fraction_of_peak']:8.1%} "
+                      f"{row['x_gb_per_s']:7.1f} {r['allreduce_share']:9.1%} {err:>8}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": name, "gemm_gflops": rate, "rows": rows}, f, indent=2)
+            json.dump({"device": name, "gemm_gflops": rate, "copy_gb_per_s": bw, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from utils import HumeError, torch_save
 # nothing)
 FIXED = ("k", "tau", "H_reg", "outer_lr", "adaptation_steps", "num_subsets", "subset_size", "train_fraction",
          "no_anneal", "no_rand_init", "seed", "hypergrad", "first_order", "phi1_path", "phi2_path", "inner_lr",
-         "normalize")
+         "normalize", "bf16")
 KEYS = ("iteration", "encoder", "optimizer", "generator", "torch_rng", "numpy_rng", "python_rng", "fixed", "extra")
 
 

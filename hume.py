@@ -25,8 +25,8 @@ from tqdm import tqdm
 import checkpoint
 import config
 import distributed
-import hypergrad
 import inner_lr
+import outer
 from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
@@ -54,7 +54,7 @@ def train(cfg, data, steps, world=None):
     m_tr = int(cfg.train_fraction * m)  # both parts non-empty: checked by load_data
     phi2s = [Rows(p, dev, scale=s.scale, ones=True) for p, s in zip(data.phi2, steps)]
     phi1_val = Rows(data.phi1_val, dev, cfg.normalize)
-    obj = hypergrad.Objective(tuple(s.lr for s in steps), cfg.adaptation_steps, cfg.H_reg, cfg.method)
+    obj = outer.Objective(tuple(s.lr for s in steps), cfg.adaptation_steps, cfg.H_reg, cfg.method, cfg.bf16)
     encoder = make_task_encoder(d1, cfg.k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.outer_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -93,8 +93,7 @@ def train(cfg, data, steps, world=None):
         idx = sample_subsets(gen, n, cfg.num_subsets, m).to(dev)
         w0s = [w.expand(cfg.num_subsets, -1, -1) for w in w0_fixed] if w0_fixed else \
             [init_inner(gen, cfg.num_subsets, cfg.k, d2, torch.float32).to(dev) for d2 in dims]
-        loss, fit, gnorm = hypergrad.outer_step(encoder, opt, phi1, phi2s, hypergrad.Batch(idx, m_tr, w0s), tau, obj,
-                                                world)
+        loss, fit, gnorm = outer.outer_step(encoder, opt, phi1, phi2s, outer.Batch(idx, m_tr, w0s), tau, obj, world)
         loss, gnorm = torch.stack([loss, gnorm]).tolist()  # one host sync per outer iteration
         if not (np.isfinite(loss) and np.isfinite(gnorm)):
             last = checkpoint.path_for(cfg) if os.path.isfile(checkpoint.path_for(cfg)) else "none written yet"

@@ -7,29 +7,47 @@ soft-label cross-entropy over X_tr (Eq. 5, a cold start):
 and the outer loss is  CE(w_T; X_te, Y_te) - H_reg * H(mean label of the subset)  (Eq. 7).
 
 Three ways to differentiate it w.r.t. W (all give ordinary autograd tensors back):
-- "adjoint" (default): all subsets batched; the inner loop keeps only its iterates w_t (T x S x k x (d2+1)), and the
-  backward pass runs the adjoint of gradient descent, A_t = A_{t+1} - lr * H_t A_{t+1}, with the closed-form
-  Hessian-vector product of softmax cross-entropy. Since dw_{t+1}/dY_tr does not depend on t, the whole label
-  gradient is one product with the summed adjoints: dL/dY_tr = lr/m * X_tr (sum_t A_{t+1})^T.
+- "adjoint" (default): the inner loop keeps only what its backward pass needs (the softmax outputs P_t when they fit
+  in KEEP_PROBS_BYTES, else the iterates w_t, whose logits are recomputed beside the adjoint in one GEMM of width
+  2k), and the backward pass runs the adjoint of gradient descent,
+      A_T = X_te^T (softmax(X_te w_T^T) - Y_te) / m_te,   A_t = A_{t+1} - lr * H_t A_{t+1},
+  with the closed-form Hessian-vector product of softmax cross-entropy, H_t A = X_tr^T [P_t * (dZ - <P_t, dZ>)] / m_tr,
+  dZ = X_tr A^T. Since dw_{t+1}/dY_tr = lr/m X_tr^T does not depend on t, the whole label gradient is one product with
+  the summed adjoints: dL/dY_tr = lr/m * X_tr (sum_t A_{t+1})^T, and dL/dY_te = -log softmax(X_te w_T^T) / m_te.
 - "unrolled": autograd through every inner step with create_graph=True, one subset at a time (the paper's way;
   kept as the reference for tests and bench.py).
 - "first_order": the inner loop's dependence on the labels is dropped (TURTLE-style); the gradient flows only
-  through the labels in the outer loss.
-One outer iteration (outer_step) averages the losses over subsets and phi2 spaces, clips the gradient to norm 1.0
-and takes one Adam step.
+  through the labels in the outer loss (dL/dY_tr = 0, dL/dY_te as above).
+
+Two layouts of the subsets' data (layout="auto" picks by size):
+- "shared", when S > 1 subsets have a union of at most SHARED_RATIO x m_tr rows (small data sets, the demo):
+  the union is kept once and the S classifiers sit side by side, one wide GEMM N x D x S*k per product, with 0/1
+  masks selecting each subset's rows. A wide GEMM runs several times faster per FLOP than skinny ones on a CPU.
+- "subset" otherwise (the paper's scale): one subset at a time with plain 2-D GEMMs, so only one X_tr (28 MB at the
+  paper's defaults, about the size of the L3 cache) and one subset's P_t are alive, and they stay hot between the
+  forward and the backward pass. Each subset's loss CE_s depends on its own labels only, and the adjoint is linear in
+  the incoming gradient g_s = dL/dCE_s, so the adjoint is run right after the subset's inner loop with g_s = 1 and
+  its label gradients are scaled by g_s when autograd asks for them: nothing of the inner loop outlives its subset.
+  Classes are padded to a multiple of PAD with zero classifier rows, zero labels and logits set to -inf before the
+  softmax, so their probabilities, residuals and adjoint rows are exactly 0 and the result is exactly that of k
+  classes. Skinny float32 GEMMs and softmaxes 16 columns wide run faster than 10 wide (2-core Zen 4, 2 threads:
+  X w^T of 9,000 x 769 x 16 in 2.1 ms vs 2.9 ms for x 10; softmax over 16 columns ~8x faster than over 10).
+  X_tr is kept in both orders, X for X w^T and X^T for X^T G, the fastest form of each (1.9 ms vs 2.8 ms).
+With bf16=True (either layout) the GEMMs of the inner loop and its adjoint read a bfloat16 copy of X and bfloat16
+roundings of w, A and the residuals, and return bfloat16 (no CPU kernel returns float32 from bfloat16 operands);
+softmax, iterates and sums stay in the input's precision. An approximation, ~5x faster GEMMs on CPUs with
+AVX512_BF16; bench.py reports its hypergradient error against float32.
+outer.py averages these losses over subsets and phi2 spaces for one outer iteration.
 """
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import torch
-from torch import nn
-
-import distributed
 
 from model import labels
 
-SHARED_RATIO = 2.0  # use the shared (wide-GEMM) layout when the union of subsets has <= 2 x m_tr rows
+SHARED_RATIO = 2.0  # use the shared (wide-GEMM) layout when S > 1 subsets have a union of <= 2 x m_tr rows
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this
+PAD = 16  # subset layout: classes padded to a multiple of this (skinny GEMMs are faster 16 columns wide)
 
 
 def entropy(p, eps=1e-8):
@@ -39,54 +57,54 @@ def entropy(p, eps=1e-8):
     return -(p * torch.log(p)).sum(-1)
 
 
-# ---------------------------------------------------------------- data layouts
-# Both layouts expose the same three operations, so the inner loop below is written once:
-#   logits(w) -> Z   (w: (S, k, D); Z: (S, m, k) gathered or (N, S, k) shared)
+# ---------------------------------------------------------------- shared layout (all subsets in wide GEMMs)
+# The ops below are written for batched classifiers w (S, k, D), so the inner loop is written once for the shared
+# layout and for the unrolled reference's one-subset problems:
+#   logits(w) -> Z   ((N, S, k) shared, (S, m, k) gathered)
 #   grad(G)   -> X^T G per subset, (S, k, D)
 #   subset_sum(T) -> (S,) sums of an array shaped like Z
-# "gathered" copies each subset's rows (S skinny GEMMs, m x D x k); "shared" keeps the union of rows once and puts
-# the S classifiers side by side, one wide GEMM N x D x S*k with 0/1 masks. A wide GEMM runs ~3-4x faster per FLOP
-# than a skinny one on a CPU (bench.py), so shared wins while N <= SHARED_RATIO x m_tr (small data sets, the demo).
 
 def gathered_ops(X):  # X: (S, m, D)
     return SimpleNamespace(
         X=X, logits=lambda w: torch.bmm(X, w.transpose(1, 2)),
-        grad=lambda G: torch.bmm(G.transpose(1, 2), X),  # G^T X beats X^T G for a row-major X
+        grad=lambda G: torch.bmm(G.transpose(1, 2), X),
         subset_sum=lambda T: T.sum((1, 2)))
 
 
-def shared_ops(X, S):  # X: (N, D)
+def shared_ops(X, S, bf16=False):  # X: (N, D)
     N, D = X.shape
+    Xg, dtype = (X.bfloat16(), torch.bfloat16) if bf16 else (X, X.dtype)  # what the GEMMs read
     return SimpleNamespace(
-        X=X, logits=lambda w: (X @ w.reshape(-1, D).T).view(N, S, -1),
-        grad=lambda G: (G.reshape(N, -1).T @ X).view(S, -1, D),
+        X=X, logits=lambda w: (Xg @ w.reshape(-1, D).to(dtype).T).view(N, S, -1).to(X.dtype),
+        grad=lambda G: (G.reshape(N, -1).to(dtype).T @ Xg).view(S, -1, D).to(X.dtype),
         subset_sum=lambda T: T.sum((0, 2)))
 
 
-def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto"):
+def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
     """Labels and inner-problem data for S subsets. idx: (S, m) point indices, the first m_tr of each row train.
 
-    Returns Y_rows (labels of the union of rows, for the entropy term) and a namespace with ops/labels/masks.
+    Returns a namespace with Y_rows (labels of the union of rows, for the entropy term), the labels of each subset's
+    X_tr and X_te, and the layout's data (shared: ops and masks; subset: phi2a and idx, rows gathered when used).
     """
     S, m = idx.shape
     rows, inv = torch.unique(idx, return_inverse=True)  # inv: (S, m) positions in rows
     Y = labels(phi1[rows], W, tau)  # (N, k): each point labelled once, even if it sits in several subsets
     if layout == "auto":
-        layout = "shared" if len(rows) <= SHARED_RATIO * m_tr else "gathered"
+        layout = "shared" if S > 1 and len(rows) <= SHARED_RATIO * m_tr else "subset"
     p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout)
-    if layout == "gathered":
-        p.ops_tr = gathered_ops(phi2a[idx[:, :m_tr]])
-        p.ops_te = gathered_ops(phi2a[idx[:, m_tr:]])
-        p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]
-        p.M_tr = p.M_te = None
-    else:
-        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S)
+    if layout == "subset":
+        p.phi2a, p.idx = phi2a, idx
+        p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]  # (S, m_tr, k), (S, m_te, k)
+    elif layout == "shared":
+        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S, bf16)
         p.Y_tr = p.Y_te = Y.unsqueeze(1)  # (N, 1, k), broadcast over subsets
         cols = torch.arange(S, device=idx.device).unsqueeze(1)
         p.M_tr = torch.zeros(len(rows), S, 1, dtype=phi2a.dtype, device=phi2a.device)
         p.M_te = torch.zeros_like(p.M_tr)
         p.M_tr[inv[:, :m_tr], cols.expand(-1, m_tr)] = 1
         p.M_te[inv[:, m_tr:], cols.expand(-1, m - m_tr)] = 1
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
     return p
 
 
@@ -99,8 +117,6 @@ def _sum_to(g, like):
     dims = tuple(i for i, (a, b) in enumerate(zip(g.shape, like.shape)) if a != b)
     return g.sum(dims, keepdim=True) if dims else g
 
-
-# ---------------------------------------------------------------- inner loop
 
 def inner_descent(ops, Y, M, w0, lr, m, steps, keep):
     """T steps of gradient descent on the soft-label CE. Returns w_T, the iterates (if keep) and (P_0, P_T)."""
@@ -128,8 +144,8 @@ def inner_fit(ops, Y, M, m, P0, wT):
 
 
 class AdjointInner(torch.autograd.Function):
-    """Outer CE per subset (S,) as a function of the labels, with the adjoint backward pass described above.
-    Also returns the inner fit diagnosis (S, 3), not differentiable."""
+    """Shared layout: outer CE per subset (S,) as a function of the labels, with the adjoint backward pass described
+    above. Also returns the inner fit diagnosis (S, 3), not differentiable."""
 
     @staticmethod
     def forward(ctx, Y_tr, Y_te, w0, p, lr, steps):
@@ -149,8 +165,7 @@ class AdjointInner(torch.autograd.Function):
     def backward(ctx, grad_ce, _grad_fit):
         Y_tr, Y_te, logp_te, wT = ctx.saved_tensors
         p, lr, steps = ctx.p, ctx.lr, ctx.steps
-        # weight of each subset in the total loss, shaped to broadcast against the logits
-        g_z = grad_ce.view(1, -1, 1) if p.layout == "shared" else grad_ce.view(-1, 1, 1)
+        g_z = grad_ce.view(1, -1, 1)  # weight of each subset in the total loss, shaped like the logits (N, S, k)
         # dL/dY_te and A_T = dL/dw_T of CE(w_T) = -sum Y_te log softmax(X_te w_T^T) / m_te
         dY_te = _masked(-logp_te * g_z, p.M_te) / p.m_te
         A = p.ops_te.grad(_masked((logp_te.exp() - Y_te) * g_z, p.M_te)) / p.m_te
@@ -165,12 +180,98 @@ class AdjointInner(torch.autograd.Function):
                 k = A.shape[1]
                 Z = p.ops_tr.logits(torch.cat([ctx.iterates[t], A], 1))
                 P, dZ = torch.softmax(Z[..., :k], -1), Z[..., k:]
-            # Hessian of the softmax CE applied to A: X^T [P * (dZ - <P, dZ>)] / m
-            Q = P * (dZ - (P * dZ).sum(-1, keepdim=True))
+            Q = P * (dZ - (P * dZ).sum(-1, keepdim=True))  # H_t A = X^T Q / m
             A = A - (lr / p.m_tr) * p.ops_tr.grad(_masked(Q, p.M_tr))
         dY_tr = _masked(p.ops_tr.logits(A_sum), p.M_tr) * (lr / p.m_tr)
         ctx.iterates = ctx.probs = None
         return _sum_to(dY_tr, Y_tr), _sum_to(dY_te, Y_te), None, None, None, None
+
+
+# ---------------------------------------------------------------- subset layout (one subset at a time)
+
+def subset_ops(X, bf16):
+    """Products with one subset's rows X (m, D) for padded classifiers w (kp, D): logits X w^T (m, kp) and
+    gradients (X^T G)^T (kp, D)."""
+    Xt = X.T.contiguous()  # X^T G reads X^T row-major faster than X column-major
+    if not bf16:
+        return SimpleNamespace(logits=lambda w: X @ w.T, grad=lambda G: (Xt @ G).T)
+    Xb, Xtb, dtype = X.bfloat16(), Xt.bfloat16(), X.dtype
+    return SimpleNamespace(logits=lambda w: (Xb @ w.bfloat16().T).to(dtype),
+                           grad=lambda G: (Xtb @ G.bfloat16()).T.to(dtype))
+
+
+def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
+    """One subset: inner loop, outer CE and, unless order is 0, its label gradients for an incoming gradient of 1
+    (order 2: exact adjoint; order 1: first order, dCE/dY_tr = 0 returned as None).
+    X_tr (m, D), Y_tr (m, k), w0 (k, D). Returns ce (), fit (3,), dY_tr (m, k) or None, dY_te or None."""
+    m, k = Y_tr.shape
+    kp = -(-k // PAD) * PAD
+    ops, c = subset_ops(X_tr, bf16), lr / m
+    w = X_tr.new_zeros(kp, X_tr.shape[1])
+    w[:k] = w0  # padded classes: zero weights, zero labels, and logit -inf (so softmax gives them exactly 0)
+    mask = X_tr.new_zeros(kp)
+    mask[k:] = -float("inf")
+    Y = X_tr.new_zeros(m, kp)
+    Y[:, :k] = Y_tr
+    keep_probs = order == 2 and steps * m * kp * X_tr.element_size() <= KEEP_PROBS_BYTES
+    probs, iterates = [], []
+    for t in range(steps):
+        if order == 2 and not keep_probs:
+            iterates.append(w)
+        P = torch.softmax(ops.logits(w) + mask, 1)  # (m, kp)
+        P0 = P if t == 0 else P0
+        if keep_probs:
+            probs.append(P)
+        w = w - c * ops.grad(P - Y)
+    logp_te = torch.log_softmax(X_te @ w[:k].T, 1)
+    ce = -(Y_te * logp_te).sum() / len(X_te)
+    PT = torch.softmax(ops.logits(w) + mask, 1)
+    P0 = PT if steps == 0 else P0
+    fit = torch.stack([-(Y_tr * torch.log(P[:, :k].clamp_min(1e-30))).sum() / m for P in (P0, PT)] +
+                      [(PT.argmax(1) == Y_tr.argmax(1)).to(PT.dtype).mean()])
+    if order == 0:
+        return ce, fit, None, None
+    dY_te = -logp_te / len(X_te)
+    if order == 1:
+        return ce, fit, None, dY_te
+    A = torch.zeros_like(w)
+    A[:k] = (logp_te.exp() - Y_te).T @ X_te / len(X_te)  # A_T = dCE/dw_T
+    A_sum = torch.zeros_like(A)
+    for t in range(steps - 1, -1, -1):
+        A_sum = A_sum + A  # A = A_{t+1}
+        if t == 0:
+            break  # A_0 = dL/dw0 is not needed: w0 does not depend on the task encoder
+        if keep_probs:
+            P, dZ = probs[t], ops.logits(A)
+        else:  # recompute the logits of w_t beside the direction A, in one GEMM of width 2 kp
+            Z = ops.logits(torch.cat([iterates[t], A]))
+            P, dZ = torch.softmax(Z[:, :kp] + mask, 1), Z[:, kp:]
+        A = A - c * ops.grad(P * (dZ - (P * dZ).sum(1, keepdim=True)))  # H_t A = X^T [P (dZ - <P, dZ>)] / m
+    return ce, fit, c * ops.logits(A_sum)[:, :k], dY_te
+
+
+class SubsetAdjoint(torch.autograd.Function):
+    """Subset layout: outer CE per subset (S,), each subset's adjoint run in the forward pass (see the docstring),
+    its label gradients scaled by the incoming gradient in the backward pass. Also returns the fit (S, 3)."""
+
+    @staticmethod
+    def forward(ctx, Y_tr, Y_te, w0, p, lr, steps, order, bf16):
+        out = []
+        for s in range(p.S):
+            X = p.phi2a[p.idx[s]]  # (m, D): this subset's rows, X_tr then X_te
+            out.append(subset_adjoint(X[:p.m_tr], Y_tr[s], X[p.m_tr:], Y_te[s], w0[s], lr, steps, order, bf16))
+        ce, fit, dY_tr, dY_te = zip(*out)
+        ctx.dY_tr = torch.stack(dY_tr) if order == 2 else None
+        ctx.dY_te = torch.stack(dY_te) if order else None
+        fit = torch.stack(fit)
+        ctx.mark_non_differentiable(fit)
+        return torch.stack(ce), fit
+
+    @staticmethod
+    def backward(ctx, grad_ce, _grad_fit):
+        g = grad_ce.view(-1, 1, 1)
+        dY_tr = None if ctx.dY_tr is None else ctx.dY_tr * g
+        return dY_tr, ctx.dY_te * g, None, None, None, None, None, None
 
 
 def unrolled_inner(p, w0, lr, steps):
@@ -192,90 +293,38 @@ def unrolled_inner(p, w0, lr, steps):
 
 
 def _one_subset(p, s):
-    """Subset s of a problem as a problem of its own (same layout, S=1)."""
-    if p.layout == "gathered":
-        return SimpleNamespace(ops_tr=gathered_ops(p.ops_tr.X[s:s + 1]), ops_te=gathered_ops(p.ops_te.X[s:s + 1]),
+    """Subset s of a problem as a problem of its own (batched ops with S=1)."""
+    if p.layout == "subset":
+        X = p.phi2a[p.idx[s:s + 1]]
+        return SimpleNamespace(ops_tr=gathered_ops(X[:, :p.m_tr]), ops_te=gathered_ops(X[:, p.m_tr:]),
                                Y_tr=p.Y_tr[s:s + 1], Y_te=p.Y_te[s:s + 1], M_tr=None, M_te=None)
     ops = shared_ops(p.ops_tr.X, 1)
     return SimpleNamespace(ops_tr=ops, ops_te=ops, Y_tr=p.Y_tr, Y_te=p.Y_te,
                            M_tr=p.M_tr[:, s:s + 1], M_te=p.M_te[:, s:s + 1])
 
 
-def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="adjoint", layout="auto"):
+def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="adjoint", layout="auto", *,
+                 bf16=False):
     """Eq. 7 per subset: CE of the adapted inner classifier on X_te minus H_reg x entropy of the subset's mean
-    label. Returns the losses (S,), differentiable w.r.t. W, and the inner fit diagnosis (S, 3)."""
-    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout)
-    if method == "adjoint":
+    label. Returns the losses (S,), differentiable w.r.t. W, and the inner fit diagnosis (S, 3).
+    bf16: the inner GEMMs read a bfloat16 copy of X (approximate; see the docstring; not for the unrolled
+    reference)."""
+    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout, bf16 and method != "unrolled")
+    if method not in ("adjoint", "unrolled", "first_order"):
+        raise ValueError(f"unknown hypergradient method {method!r}")
+    if p.layout == "subset" and method != "unrolled":
+        order = 0 if not (torch.is_grad_enabled() and p.Y_tr.requires_grad) else 2 if method == "adjoint" else 1
+        ce, fit = SubsetAdjoint.apply(p.Y_tr, p.Y_te, w0, p, lr, steps, order, bf16)
+    elif method == "adjoint":
         ce, fit = AdjointInner.apply(p.Y_tr, p.Y_te, w0, p, lr, steps)
     elif method == "unrolled":
         ce, fit = unrolled_inner(p, w0, lr, steps)
-    elif method == "first_order":
+    else:
         with torch.no_grad():
             Y_tr = p.Y_tr.detach()
             wT, _, _, P0 = inner_descent(p.ops_tr, Y_tr, p.M_tr, w0, lr, p.m_tr, steps, keep=False)
             fit = inner_fit(p.ops_tr, Y_tr, p.M_tr, p.m_tr, P0, wT)
         logp_te = torch.log_softmax(p.ops_te.logits(wT), -1)
         ce = -p.ops_te.subset_sum(_masked(p.Y_te * logp_te, p.M_te)) / p.m_te
-    else:
-        raise ValueError(f"unknown hypergradient method {method!r}")
     mean_label = p.Y_rows[p.inv].mean(1)  # (S, k) over X_tr and X_te together
     return ce - H_reg * entropy(mean_label), fit
-
-
-# ---------------------------------------------------------------- one outer iteration
-
-class Objective(NamedTuple):
-    """The outer loss beside the data and tau: the inner loop (one step size per phi2 space, the number of steps,
-    how it is differentiated) and the weight of the balance term."""
-    inner_lrs: tuple
-    steps: int
-    H_reg: float
-    method: str = "adjoint"
-
-
-class Batch(NamedTuple):
-    """What one outer iteration draws: the subsets (S, m) of point indices, the first m_tr of each row being X_tr,
-    and one inner init w0 (S, k, d2+1) per phi2 space."""
-    idx: torch.Tensor
-    m_tr: int
-    w0s: list
-
-
-def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
-    """Outer loss over the batch's subsets, averaged over subsets and phi2 spaces; its gradient is accumulated into
-    the encoder's .grad. phi1, phi2s: inputs.Rows (phi2 with its ones column). The orthogonal parametrisation is
-    evaluated and back-propagated once, however many subsets. total_subsets: the S the mean is over (the batch may
-    be a share of it). Returns the loss and the inner fit (S, 3)."""
-    W = encoder.weight
-    W_leaf = W.detach().requires_grad_(True)
-    S = total_subsets or batch.idx.shape[0]
-    rows, inv = torch.unique(batch.idx, return_inverse=True)  # labels and features of each point are read once
-    phi1_r = phi1.take(rows)
-    chunks = [slice(s, s + 1) for s in range(batch.idx.shape[0])] if obj.method == "unrolled" else [slice(None)]
-    total, fits, weight = 0.0, [], 1.0 / (S * len(phi2s))
-    for phi2, w0, lr in zip(phi2s, batch.w0s, obj.inner_lrs, strict=True):
-        phi2_r = phi2.take(rows)
-        for c in chunks:  # the unrolled reference frees each subset's graph before building the next
-            losses, fit = outer_losses(phi1_r, phi2_r, W_leaf, tau, inv[c], batch.m_tr, w0[c], lr, obj.steps,
-                                       obj.H_reg, obj.method)
-            (losses.sum() * weight).backward()
-            total, fits = total + losses.detach().sum() * weight, fits + [fit]
-    W.backward(W_leaf.grad)
-    return total, torch.cat(fits)
-
-
-def outer_step(encoder, opt, phi1, phi2s, batch, tau, obj, world=None):
-    """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step.
-    Under torchrun each rank does its share of the subsets and one all-reduce sums the gradients.
-    Returns the loss, the inner fit and the gradient norm before clipping (tensors: no host sync here)."""
-    opt.zero_grad(set_to_none=True)
-    S = batch.idx.shape[0]
-    mine = distributed.share(world, S) if world else slice(None)
-    share = Batch(batch.idx[mine], batch.m_tr, [w[mine] for w in batch.w0s])
-    loss, fit = hypergradient(encoder, phi1, phi2s, share, tau, obj, S)
-    if world:
-        loss, fit = distributed.all_reduce(world, encoder, loss, fit)
-    gnorm = nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-    if torch.isfinite(gnorm):
-        opt.step()
-    return loss, fit, gnorm

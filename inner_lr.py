@@ -65,6 +65,7 @@ def untrained(first_fit):
 
 EXACT_MAX_DIM = 512  # up to this d2, form the (d2+1)^2 second moment and use an exact eigen-solver
 MAX_ROWS = 200_000  # second moment estimated from at most this many rows (seeded sample): ~1% accurate
+BLOCK_ROWS = 2048  # rows converted to float64 at a time (~13 MB at d2 = 768)
 
 
 def lambda_max(phi2, seed=0, scale=1.0):
@@ -77,20 +78,22 @@ def lambda_max(phi2, seed=0, scale=1.0):
     """
     n, d = phi2.shape
     rows = np.sort(np.random.default_rng(seed).choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else slice(None)
-    X = np.asarray(phi2[rows], dtype=np.float64) * scale
+    X = np.asarray(phi2[rows], dtype=np.float32)
     m = len(X)
-    if d + 1 <= EXACT_MAX_DIM:
-        Xa = np.hstack([X, np.ones((m, 1))])
-        return float(np.linalg.eigvalsh(Xa.T @ Xa / m)[-1])
-    colsum = X.sum(0)
 
-    def matvec(v):  # [X, 1]^T [X, 1] v / m without forming [X, 1]
+    def blocks():  # [scale X, 1] in float64, BLOCK_ROWS at a time: no float64 copy of the whole data in memory
+        for i in range(0, m, BLOCK_ROWS):
+            x = X[i:i + BLOCK_ROWS].astype(np.float64) * scale
+            yield np.hstack([x, np.ones((len(x), 1))])
+    if d + 1 <= EXACT_MAX_DIM:
+        return float(np.linalg.eigvalsh(sum(xa.T @ xa for xa in blocks()) / m)[-1])
+
+    def matvec(v):  # [sX, 1]^T [sX, 1] v / m
         v = np.ravel(v)
-        u = X @ v[:d] + v[d]
-        return np.append(X.T @ u, u.sum()) / m
+        return sum(xa.T @ (xa @ v) for xa in blocks()) / m
 
     op = LinearOperator((d + 1, d + 1), matvec=matvec, dtype=np.float64)
-    v0 = np.append(colsum, m) / m  # the mean direction: usually close to the top eigenvector of a second moment
+    v0 = sum(xa.sum(0) for xa in blocks()) / m  # the mean direction: usually close to the top eigenvector
     return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-10)[0][0])
 
 

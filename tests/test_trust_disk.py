@@ -144,7 +144,7 @@ def test_a_fresh_run_that_fails_early_keeps_the_finished_log(P, tmp_path, monkey
 
     def fail(*a, **k):
         raise utils.HumeError("simulated failure in the first iteration")
-    monkeypatch.setattr(hume.hypergrad, "outer_step", fail)
+    monkeypatch.setattr(hume.outer, "outer_step", fail)
     refused(cli(hume.main, argv), "simulated failure")
     assert open(log).read() == before
 

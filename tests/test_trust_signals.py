@@ -85,7 +85,7 @@ def test_a_signal_in_the_last_iteration_checkpoints_it_and_resume_only_finishes(
     folder = str(tmp_path / "run")
     argv = ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--exp_path", folder, "--k", "4", "--seed", "0",
             "--ckpt_every", "50"] + FAST  # 3 iterations
-    calls, outer_step = [], hume.hypergrad.outer_step
+    calls, outer_step = [], hume.outer.outer_step
 
     def step_then_signal(*a, **k):  # SIGTERM arrives while the last iteration runs
         calls.append(1)
@@ -93,7 +93,7 @@ def test_a_signal_in_the_last_iteration_checkpoints_it_and_resume_only_finishes(
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
-    monkeypatch.setattr(hume.hypergrad, "outer_step", step_then_signal)
+    monkeypatch.setattr(hume.outer, "outer_step", step_then_signal)
     code, _, err = cli(hume.main, argv)
     assert code == 143 and "--resume" in err.strip().splitlines()[-1]
     assert torch.load(os.path.join(folder, "checkpoint_0.pt"), weights_only=True)["iteration"] == 3
