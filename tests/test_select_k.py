@@ -1,8 +1,8 @@
 """select_k.py: the k range and the flags passed on to hume.py are checked up front, the rules score a table as
 stated, and on four well-separated blobs (phi1 = phi2 + noise) HUME's chance-corrected score picks k = 4 among 2..7.
 
-The end-to-end test runs the script as a subprocess (12 tiny HUME runs), with one thread for torch and BLAS
-(helpers.child_env): on a small shared machine, tiny problems run many times faster single-threaded.
+The grid test runs select_k's main in process with each HUME run in process too (select_k.run_hume replaced by
+hume.py's main, 12 tiny runs); one test runs the script as a real subprocess, whose runs are real hume.py processes.
 """
 import json
 import os
@@ -10,8 +10,9 @@ import os
 import numpy as np
 import pytest
 
+import hume
 import select_k
-from helpers import describe, run_script, save_npy
+from helpers import cli, describe, run_script, save_npy
 from utils import HumeError
 
 TINY = ["--num_iters", "30", "--num_subsets", "2", "--adaptation_steps", "20", "--outer_lr", "0.05",
@@ -66,12 +67,20 @@ def four_blobs(folder, n=200, d=8, seed=0, phi1_noise=1.5):
         ["--gt_labels_path", save_npy(folder, "y", y)]
 
 
-def test_k4_scores_best_among_2_to_7_on_four_blobs(tmp_path):
+def in_process_hume(argv):
+    """select_k.run_hume's stand-in: the same hume.py run, through its main in this process."""
+    code, _, err = cli(hume.main, argv)
+    if code != 0:
+        raise HumeError(f"hume.py failed: {err.strip()}")
+
+
+def test_k4_scores_best_among_2_to_7_on_four_blobs(tmp_path, monkeypatch):
     data = four_blobs(str(tmp_path / "data"))
-    proc = run_script("select_k.py", ["--k_range", "2..7", "--seeds", "0", "1", "--out", tmp_path / "runs",
-                                      "--json", tmp_path / "k.json", "--", *data, *TINY])
-    assert proc.returncode == 0, describe(proc)
-    assert "chosen k = 4" in proc.stdout, describe(proc)
+    monkeypatch.setattr(select_k, "run_hume", in_process_hume)
+    code, out, err = cli(select_k.main, ["--k_range", "2..7", "--seeds", "0", "1", "--out", tmp_path / "runs",
+                                         "--json", tmp_path / "k.json", "--", *data, *TINY])
+    assert code == 0, err
+    assert "chosen k = 4" in out, out
     out = json.load(open(tmp_path / "k.json"))
     table = {r["k"]: r for r in out["table"]}
     assert out["chosen_k"] == 4 and sorted(table) == list(range(2, 8))
@@ -80,3 +89,12 @@ def test_k4_scores_best_among_2_to_7_on_four_blobs(tmp_path):
     assert table[4]["acc_mean"] > 0.95  # the labeling chosen is the blobs (labels only shown, never used)
     for k in range(2, 8):
         assert all(os.path.exists(tmp_path / "runs" / f"k{k}" / f"results_{s}.pickle") for s in (0, 1))
+
+
+def test_the_script_runs_each_k_as_a_hume_process(tmp_path):
+    data = four_blobs(str(tmp_path / "data"))
+    proc = run_script("select_k.py", ["--k_range", "3", "4", "--seeds", "0", "--out", tmp_path / "runs", "--", *data,
+                                      *TINY, "--num_iters", "5"])
+    assert proc.returncode == 0, describe(proc)
+    assert "chosen k = " in proc.stdout and all((tmp_path / "runs" / f"k{k}" / "results_0.pickle").exists()
+                                                for k in (3, 4)), describe(proc)
