@@ -101,23 +101,33 @@ class Settings:
         return self.phi1_path_val is not None
 
 
-def check_args(args):
-    """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
-    positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
-    if args.inner_lr != "auto":
-        positive["--inner_lr"] = args.inner_lr
-    for flag, v in dict(positive, **{"--H_reg": args.H_reg, "--train_fraction": args.train_fraction}).items():
+def check_numbers(finite, positive, at_least, seed, device):
+    """The checks every script's numeric flags share: finite floats ({flag: value}), positive ones, integers at
+    least a bound ({flag: (value, bound)}), a seed numpy accepts and a usable device; one line naming the flag."""
+    for flag, v in {**finite, **positive}.items():
         if not math.isfinite(v):
             raise HumeError(f"{flag} must be a finite number, got {v}")
     for flag, v in positive.items():
         if not v > 0:
             raise HumeError(f"{flag} must be > 0, got {v}")
-    at_least = {"--num_iters": (args.num_iters, 0), "--adaptation_steps": (args.adaptation_steps, 1),
-                "--num_subsets": (args.num_subsets, 1), "--subset_size": (args.subset_size, 2),
-                "--eval_every": (args.eval_every, 1), "--ckpt_every": (args.ckpt_every, 1), "--k": (args.k, 2)}
     for flag, (v, lo) in at_least.items():
         if v < lo:
             raise HumeError(f"{flag} must be >= {lo}, got {v}")
+    if not 0 <= seed < 2 ** 32:
+        raise HumeError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {seed}")
+    check_device(device)
+
+
+def check_args(args):
+    """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
+    positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
+    if args.inner_lr != "auto":
+        positive["--inner_lr"] = args.inner_lr
+    check_numbers({"--H_reg": args.H_reg, "--train_fraction": args.train_fraction}, positive,
+                  {"--num_iters": (args.num_iters, 0), "--adaptation_steps": (args.adaptation_steps, 1),
+                   "--num_subsets": (args.num_subsets, 1), "--subset_size": (args.subset_size, 2),
+                   "--eval_every": (args.eval_every, 1), "--ckpt_every": (args.ckpt_every, 1), "--k": (args.k, 2)},
+                  args.seed, args.device)
     if not 0 < args.train_fraction < 1:
         raise HumeError(f"--train_fraction must be between 0 and 1 (exclusive), got {args.train_fraction}")
     if args.H_reg < 0:
@@ -129,9 +139,6 @@ def check_args(args):
     if args.phi2_path and args.phi2_path_val and len(args.phi2_path) != len(args.phi2_path_val):
         raise HumeError(f"{len(args.phi2_path)} --phi2_path files but {len(args.phi2_path_val)} --phi2_path_val "
                         "files; give one evaluation file per phi2 space, in the same order")
-    if not 0 <= args.seed < 2 ** 32:
-        raise HumeError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {args.seed}")
-    check_device(args.device)
 
 
 def check_device(name):

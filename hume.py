@@ -31,7 +31,7 @@ from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
 from utils import (HumeError, append_jsonl, ensure_dir, interruptible, keep_log_until, log, pickle_save, run_cli,
-                   seed_everything, seed_lock, start_log, torch_save, warn)
+                   seed_everything, seed_lock, start_log, summary, torch_save, warn)
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -202,10 +202,7 @@ def train_and_finish(cfg, data, world):
     if world and world.rank != 0:
         return None
     results = finish(cfg, data, steps, encoder, state)
-    summary = f"done in {state['seconds']:.1f}s: CV score {results['CV_Score']:.4f}"
-    if "metrics" in results:
-        summary += " | " + " ".join(f"{k.upper()} {v:.4f}" for k, v in results["metrics"].items())
-    log(summary, cfg.quiet)
+    log(summary(state["seconds"], results), cfg.quiet)
     return results
 
 

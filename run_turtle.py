@@ -16,7 +16,6 @@ nn.Linear(d_i, k) heads, weight norm removed), results_{seed}.pickle (CV_Score a
 .jsonl (one JSON object per evaluation) and turtle_checkpoint_{seed}.pt (--resume continues from it, also to a larger
 --T). Bad inputs end with one line on stderr and exit code 2.
 """
-import math
 import os
 import time
 
@@ -26,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from config import check_device
+from config import check_numbers
 from metrics import all_metrics, cv_score
 from model import export_turtle_task, make_turtle_encoder, turtle_labels, turtle_predict
 from utils import (DEMO, HumeError, append_jsonl, check_rows, ensure_dir, first_line, interruptible, keep_log_until,
                    load_array, load_labels, log, make_parser, pickle_save, run_cli, seed_everything, seed_lock,
-                   start_log, torch_save)
+                   start_log, summary, torch_save)
 
 # settings a resumed run must share with the run it continues (--T may grow)
 FIXED = ("k", "gamma", "inner_lr", "outer_lr", "batch_size", "M", "warm_start", "seed", "phi_paths")
@@ -103,17 +102,10 @@ def outer_loss(theta, inner, phis, gamma):
 
 def check_args(args):
     """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
-    for flag, v in {"--inner_lr": args.inner_lr, "--outer_lr": args.outer_lr, "--gamma": args.gamma}.items():
-        if not math.isfinite(v):
-            raise HumeError(f"{flag} must be a finite number, got {v}")
-    for flag, v in {"--inner_lr": args.inner_lr, "--outer_lr": args.outer_lr}.items():
-        if not v > 0:
-            raise HumeError(f"{flag} must be > 0, got {v}")
-    for flag, (v, lo) in {"--k": (args.k, 2), "--T": (args.T, 0), "--M": (args.M, 1), "--batch_size":
-                          (args.batch_size, 1), "--eval_every": (args.eval_every, 1),
-                          "--ckpt_every": (args.ckpt_every, 1)}.items():
-        if v < lo:
-            raise HumeError(f"{flag} must be >= {lo}, got {v}")
+    check_numbers({"--gamma": args.gamma}, {"--inner_lr": args.inner_lr, "--outer_lr": args.outer_lr},
+                  {"--k": (args.k, 2), "--T": (args.T, 0), "--M": (args.M, 1), "--batch_size": (args.batch_size, 1),
+                   "--eval_every": (args.eval_every, 1), "--ckpt_every": (args.ckpt_every, 1)}, args.seed,
+                  args.device)
     if not args.gamma >= 0:
         raise HumeError(f"--gamma must be >= 0, got {args.gamma}")
     if args.phi_paths is None and (args.phi_paths_val or args.gt_labels_path):
@@ -121,9 +113,6 @@ def check_args(args):
     if args.phi_paths and args.phi_paths_val and len(args.phi_paths) != len(args.phi_paths_val):
         raise HumeError(f"{len(args.phi_paths)} --phi_paths files but {len(args.phi_paths_val)} --phi_paths_val "
                         "files; give one evaluation file per space, in the same order")
-    if not 0 <= args.seed < 2 ** 32:
-        raise HumeError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {args.seed}")
-    check_device(args.device)
 
 
 def load_data(args):
@@ -292,10 +281,7 @@ def main(argv=None):
             e.hint = f"rerun the same command with --resume to continue from {checkpoint_path(args)}"
             raise
         results = finish(args, d, theta, seconds)
-    summary = f"done in {seconds:.1f}s: CV score {results['CV_Score']:.4f}"
-    if "metrics" in results:
-        summary += " | " + " ".join(f"{k.upper()} {v:.4f}" for k, v in results["metrics"].items())
-    log(summary, args.quiet)
+    log(summary(seconds, results), args.quiet)
     return results
 
 

@@ -121,6 +121,14 @@ def log(msg, quiet=False):
         tqdm.write(msg)
 
 
+def summary(seconds, results):
+    """The last line of a run: time, label-free CV score and, with labels, ACC/ARI/NMI."""
+    line = f"done in {seconds:.1f}s: CV score {results['CV_Score']:.4f}"
+    if "metrics" in results:
+        line += " | " + " ".join(f"{k.upper()} {v:.4f}" for k, v in results["metrics"].items())
+    return line
+
+
 def warn(msg):
     """A warning the user must see even with --quiet: one line on stderr."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
