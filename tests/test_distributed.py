@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import REPO, write_problem
@@ -39,25 +40,32 @@ def problem_args(tmp_path):
     return ["--phi1_path", p["phi1"], "--phi2_path", p["phi2"], "--gt_labels_path", p["labels"]] + BUDGET
 
 
-def test_two_processes_give_the_single_process_task_odd_subsets(tmp_path):
-    common = problem_args(tmp_path) + ["--num_iters", "4"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    assert single(common + ["--exp_path", one]).returncode == 0
-    out = torchrun(common + ["--exp_path", two])
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """A 6-iteration run over 2 processes (checkpoints every 2) and its inputs."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    common = problem_args(tmp) + ["--ckpt_every", "2"]
+    out = torchrun(common + ["--num_iters", "6", "--exp_path", str(tmp / "two")])
     assert out.returncode == 0, out.stderr[-2000:]
+    return common, str(tmp / "two")
+
+
+def test_two_processes_give_the_single_process_task_odd_subsets(two_process_run, tmp_path):
+    common, two = two_process_run
+    one = str(tmp_path / "one")
+    assert single(common + ["--num_iters", "6", "--exp_path", one]).returncode == 0
     a, b = task(one), task(two)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # only rank 0 writes: the same files, and each metrics line once
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))
-    assert len(open(os.path.join(two, "metrics_1.jsonl")).readlines()) == 2
+    assert len(open(os.path.join(two, "metrics_1.jsonl")).readlines()) == 3
 
 
-def test_resumed_two_process_run_equals_uninterrupted(tmp_path):
-    """A 4-iteration run leaves its checkpoint of iteration 2; resumed to 6 iterations it must equal a 6-iteration
-    run (the schedule does not depend on --num_iters)."""
-    common = problem_args(tmp_path) + ["--ckpt_every", "2"]
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert torchrun(common + ["--num_iters", "6", "--exp_path", full]).returncode == 0
+def test_resumed_two_process_run_equals_uninterrupted(two_process_run, tmp_path):
+    """A 4-iteration run leaves its checkpoint of iteration 2; resumed to 6 iterations it must equal the
+    6-iteration run (the schedule does not depend on --num_iters)."""
+    common, full = two_process_run
+    cut = str(tmp_path / "cut")
     assert torchrun(common + ["--num_iters", "4", "--exp_path", cut]).returncode == 0
     assert os.path.isfile(os.path.join(cut, "checkpoint_1.pt"))
     out = torchrun(common + ["--num_iters", "6", "--exp_path", cut, "--resume"])
