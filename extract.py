@@ -27,7 +27,7 @@ from torchvision import datasets
 from tqdm import tqdm
 
 from backbones import build_backbone
-from utils import HumeError, atomic_write, ensure_dir, l2_normalize, log, make_parser, run_cli
+from utils import HumeError, atomic_write, ensure_dir, l2_normalize, log, make_parser, restricted_load, run_cli
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any
@@ -124,8 +124,13 @@ def row_sources(args, dataset):
 
 def cifar100_coarse_labels(ds):
     """torchvision keeps only the 100 fine labels; the 20 superclasses are stored beside them in the same file."""
-    with open(os.path.join(ds.root, ds.base_folder, "train" if ds.train else "test"), "rb") as f:
-        return pickle.load(f, encoding="latin1")["coarse_labels"]
+    path = os.path.join(ds.root, ds.base_folder, "train" if ds.train else "test")
+    try:
+        with open(path, "rb") as f:
+            return restricted_load(f, encoding="latin1")["coarse_labels"]
+    except (pickle.UnpicklingError, KeyError, EOFError) as e:
+        raise HumeError(f"{path}: not CIFAR-100's own label file ({type(e).__name__}: {e}); download it again") \
+            from None
 
 
 # ---------------------------------------------------------------- extraction

@@ -473,13 +473,19 @@ class _ResultsUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def restricted_load(f, encoding="ASCII"):
+    """Unpickle from an open binary file, building only builtins containers and scalars and numpy arrays, dtypes
+    and scalars: every pickle the project reads goes through this, so a hostile file cannot run code."""
+    return _ResultsUnpickler(f, encoding=encoding).load()
+
+
 def load_results(path):
     """A results_{seed}.pickle (ours or the paper's) read by a restricted unpickler: only builtins containers and
     scalars and numpy arrays/dtypes/scalars can be built, so a hostile file cannot run code. Returns the dict,
     checked to hold a numeric CV_Score."""
     try:
         with open(path, "rb") as f:
-            obj = _ResultsUnpickler(f).load()
+            obj = restricted_load(f)
     except pickle.UnpicklingError as e:
         if str(e).startswith("refuses"):
             raise HumeError(f"{path}: {e}; this file is not a results pickle written by HUME") from None

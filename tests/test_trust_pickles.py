@@ -156,3 +156,18 @@ def test_npy_that_is_not_an_array_says_what_it_is_never_allow_pickle(tmp_path, P
     line = refused(cli(hume.main, ["--phi1_path", path, "--phi2_path", P["phi2"], "--exp_path", folder] + FAST),
                    "--phi1_path", needle)
     assert "allow_pickle" not in line and not os.path.exists(folder)
+
+
+def test_extract_reads_cifar100_label_files_with_the_restricted_unpickler(tmp_path):
+    """A planted CIFAR-100 label file (extract.py's one pickle, read for the 20 superclasses) runs nothing."""
+    from types import SimpleNamespace
+
+    import extract
+    marker = str(tmp_path / "MARKER")
+    (tmp_path / "cifar-100-python").mkdir()
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({"coarse_labels": Payload(marker)}, f)
+    ds = SimpleNamespace(root=str(tmp_path), base_folder="cifar-100-python", train=True)
+    with pytest.raises(utils.HumeError, match="refuses to load object"):
+        extract.cifar100_coarse_labels(ds)
+    assert not os.path.exists(marker)
