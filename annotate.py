@@ -28,8 +28,8 @@ from tqdm import tqdm
 from metrics import cluster_acc, ensemble
 from model import find_tasks, task_predictions
 from selection import allocate, pick
-from utils import (DEMO, HumeError, atomic_write, check_output_file, check_rows, json_save, l2_normalize, load_array,
-                   load_labels, log, make_parser, run_cli, warn)
+from files import atomic_write, check_output_file, json_save
+from utils import DEMO, HumeError, check_rows, l2_normalize, load_array, load_labels, log, make_parser, run_cli, warn
 
 
 def build_parser():

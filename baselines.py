@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from metrics import all_metrics
-from utils import (DEMO, HumeError, check_output_file, json_save, load_array, load_labels, log, make_parser, run_cli,
-                   warn)
+from files import check_output_file, json_save
+from utils import DEMO, HumeError, load_array, load_labels, log, make_parser, run_cli, warn
 
 
 def build_parser():

@@ -17,8 +17,8 @@ import numpy as np
 import inner_lr
 from metrics import all_metrics, ensemble
 from model import find_tasks, task_predictions
-from utils import (DEMO, check_output_file, check_rows, json_save, load_array, load_labels, load_results, log,
-                   make_parser, run_cli)
+from files import check_output_file, json_save, load_results
+from utils import DEMO, check_rows, load_array, load_labels, log, make_parser, run_cli
 
 
 def build_parser():

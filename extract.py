@@ -27,7 +27,8 @@ from torchvision import datasets
 from tqdm import tqdm
 
 from backbones import build_backbone
-from utils import HumeError, atomic_write, ensure_dir, l2_normalize, log, make_parser, restricted_load, run_cli
+from files import atomic_write, ensure_dir, restricted_load
+from utils import HumeError, l2_normalize, log, make_parser, run_cli
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any

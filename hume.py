@@ -30,8 +30,8 @@ import outer
 from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
-from utils import (HumeError, append_jsonl, ensure_dir, interruptible, keep_log_until, log, pickle_save, run_cli,
-                   seed_everything, seed_lock, start_log, summary, torch_save, warn)
+from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
+from utils import HumeError, interruptible, log, run_cli, seed_everything, summary, warn
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 

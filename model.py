@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemax import sparsemax
-from utils import HumeError, load_results
+from files import load_results
+from utils import HumeError
 
 TASK_FILE = re.compile(r"(?:linear|turtle)_task_(-?\d+)\.pt")  # not linear_task_{iter}_{seed}.pt (--save_all)
 

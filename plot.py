@@ -32,9 +32,9 @@ import montage
 from metrics import align_to, all_metrics, cluster_acc, contingency
 from metrics import ensemble as vote_ensemble
 from model import find_tasks, task_predictions
-from utils import (HumeError, atomic_write, check_output_file, check_rows, check_source_files, ensure_dir, find_sources,
-                   load_array, load_labels, load_results, load_sources, log, make_parser, read_jsonl, run_cli,
-                   sources_path)
+from files import atomic_write, check_output_file, ensure_dir, load_results, read_jsonl
+from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, load_sources, log,
+                   make_parser, run_cli, sources_path)
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100

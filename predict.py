@@ -32,8 +32,9 @@ import numpy as np
 
 from metrics import align_tasks, align_to, all_metrics, majority_vote
 from model import find_tasks, task_predictions
-from utils import (HumeError, atomic_write, check_rows, check_source_files, ensure_dir, find_sources, load_array,
-                   load_labels, log, make_parser, run_cli)
+from files import atomic_write, ensure_dir
+from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, log, make_parser,
+                   run_cli)
 
 
 def build_parser():

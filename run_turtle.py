@@ -28,9 +28,9 @@ from tqdm import tqdm
 from config import check_numbers
 from metrics import all_metrics, cv_score
 from model import export_turtle_task, make_turtle_encoder, turtle_labels, turtle_predict
-from utils import (DEMO, HumeError, append_jsonl, check_rows, ensure_dir, first_line, interruptible, keep_log_until,
-                   load_array, load_labels, log, make_parser, pickle_save, run_cli, seed_everything, seed_lock,
-                   start_log, summary, torch_save)
+from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
+from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, make_parser,
+                   run_cli, seed_everything, summary)
 
 # settings a resumed run must share with the run it continues (--T may grow)
 FIXED = ("k", "gamma", "inner_lr", "outer_lr", "batch_size", "M", "warm_start", "seed", "phi_paths")

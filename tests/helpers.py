@@ -207,5 +207,5 @@ def refused(result, *needles):
 
 
 def temp_files(folder):
-    """Temporary files (utils.atomic_write's .tmp_*) left anywhere under folder."""
+    """Temporary files (files.atomic_write's .tmp_*) left anywhere under folder."""
     return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.startswith(".tmp_")]

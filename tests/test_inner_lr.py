@@ -8,7 +8,8 @@ import evaluate
 import hume as hume_script
 import inner_lr
 from helpers import cli
-from utils import DEMO, load_results
+from files import load_results
+from utils import DEMO
 
 # a short run on the demo (smaller inner budget than its README settings): ~10 s on a 2-core CPU
 SHORT = ["--outer_lr", "0.02", "--num_subsets", "2", "--adaptation_steps", "30", "--num_iters", "80",

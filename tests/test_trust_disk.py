@@ -13,6 +13,7 @@ import baselines
 import evaluate
 import hume
 import plot
+import files
 import utils
 from helpers import FAST, cli, refused, temp_files, write_problem
 
@@ -77,14 +78,14 @@ def test_hume_on_a_full_disk_is_one_line_and_leaves_no_half_line(P, full):
 def test_atomic_writers_on_a_full_disk_raise_one_message_and_leave_nothing(full, name):
     path = os.path.join(full, "out.bin")
     with pytest.raises(utils.HumeError, match=r"cannot write .*out\.bin \(No space left on device\)"):
-        getattr(utils, name)({"x": list(range(20000))}, path)
+        getattr(files, name)({"x": list(range(20000))}, path)
     assert written(full) == []
 
 
 def test_append_jsonl_on_a_full_disk_cuts_back_its_partial_line(full):
     path = os.path.join(full, "log.jsonl")
     with pytest.raises(utils.HumeError, match="No space left on device"):
-        utils.append_jsonl(path, {"x": "y" * 20000})
+        files.append_jsonl(path, {"x": "y" * 20000})
     assert open(path).read() == ""
 
 

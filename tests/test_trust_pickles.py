@@ -13,6 +13,7 @@ import evaluate
 import hume
 import plot
 import select_k
+import files
 import utils
 from helpers import FAST, cli, refused, temp_files, write_paper_task, write_problem
 
@@ -54,7 +55,7 @@ def hostile_folder(tmp_path, marker):
 
 
 def test_restricted_unpickler_loads_ours_with_its_args(ours):
-    res = utils.load_results(os.path.join(ours, "results_0.pickle"))
+    res = files.load_results(os.path.join(ours, "results_0.pickle"))
     assert isinstance(res["CV_Score"], float) and res["args"]["seed"] == 0 and len(res["preds"]) == 200
 
 
@@ -63,7 +64,7 @@ def test_restricted_unpickler_loads_a_paper_pickle(tmp_path):
     with open(path, "wb") as f:  # the paper's hume.py: a dict, HIGHEST_PROTOCOL, CV_Score as sklearn returns it
         pickle.dump({"CV_Score": np.mean(np.array([0.5, 0.75])), "preds": np.arange(10), "k": np.int64(4)}, f,
                     protocol=pickle.HIGHEST_PROTOCOL)
-    assert utils.load_results(path)["CV_Score"] == 0.625
+    assert files.load_results(path)["CV_Score"] == 0.625
 
 
 @pytest.mark.parametrize("name, argv", [

@@ -14,6 +14,7 @@ import evaluate
 import plot
 import select_k
 import metrics
+import files
 import utils
 from helpers import cli, refused, write_paper_task, write_problem
 
@@ -126,7 +127,7 @@ def test_select_k_refuses_what_cannot_work_before_any_run(P, tmp_path, extra, ne
 
 def test_results_written_by_our_hume_carry_only_loadable_types(tmp_path):
     path = str(tmp_path / "results_0.pickle")
-    utils.pickle_save({"CV_Score": 0.5, "args": {"inner_lr": [0.1, 0.2], "phi2_scale": np.float64(2.0),
+    files.pickle_save({"CV_Score": 0.5, "args": {"inner_lr": [0.1, 0.2], "phi2_scale": np.float64(2.0),
                                                  "phi2_path": ["a.npy"], "mmap": False, "phi1_path_val": None}}, path)
-    assert utils.load_results(path)["args"]["phi2_scale"] == 2.0
+    assert files.load_results(path)["args"]["phi2_scale"] == 2.0
     assert pickle.load(open(path, "rb"))["CV_Score"] == 0.5  # and plain pickle (the paper's evaluate) still reads it

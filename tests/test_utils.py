@@ -1,9 +1,10 @@
-"""utils.py: loading and checking arrays and labels, atomic files."""
+"""utils.py and files.py: loading and checking arrays and labels, atomic files."""
 import os
 
 import numpy as np
 import pytest
 
+import files
 import utils
 
 
@@ -80,7 +81,7 @@ def test_atomic_write_replaces_the_target_and_leaves_no_temp_file(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
 
-    utils.atomic_write(str(target), write)
+    files.atomic_write(str(target), write)
     assert target.read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
 
@@ -96,7 +97,7 @@ def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path,
         raise exc("boom")
 
     with pytest.raises(exc):
-        utils.atomic_write(str(target), write)
+        files.atomic_write(str(target), write)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
 
@@ -108,5 +109,5 @@ def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path,
         raise exc("boom")
 
     with pytest.raises(exc):
-        utils.atomic_write(str(fresh), write_and_remove)
+        files.atomic_write(str(fresh), write_and_remove)
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
