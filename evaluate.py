@@ -10,7 +10,6 @@ every turtle_task_{seed}.pt (run_turtle.py's, or TURTLE's released layout) with 
 Ensemble (the paper's headline number): every task is matched (Hungarian, task vs task) to the task with the highest
 label-free CV score, then each point takes the majority vote. Ground truth is used only for scoring.
 """
-import os
 
 import numpy as np
 

@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from utils import HumeError, first_line, log
+from utils import HumeError, first_line
 
 
 def write_error(path, e):

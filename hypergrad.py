@@ -225,7 +225,7 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
     Y = X_tr.new_zeros(m, kp)
     Y[:, :k] = Y_tr
     keep_probs = order == 2 and steps * m * kp * X_tr.element_size() <= KEEP_PROBS_BYTES
-    probs, iterates = [], []
+    probs, iterates, P0 = [], [], None
     for t in range(steps):
         if order == 2 and not keep_probs:
             iterates.append(w)

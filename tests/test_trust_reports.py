@@ -15,7 +15,6 @@ import plot
 import select_k
 import metrics
 import files
-import utils
 from helpers import cli, refused, write_paper_task, write_problem
 
 

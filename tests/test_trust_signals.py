@@ -11,7 +11,6 @@ import torch
 
 import hume
 import files
-import utils
 from helpers import FAST, REPO, child_env, cli, refused, temp_files, write_problem
 from test_sweep import SWEEP, bash, stand_ins
 

@@ -9,7 +9,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import annotate
 import evaluate
