@@ -77,6 +77,11 @@ def check_in_sync(world, encoder, iteration):
                         f"{[e.item() for e in every]}; check that every rank reads the same data and flags")
 
 
-def close(world):
+def close(world, wait=False):
+    """Leave the process group. wait: after a run that succeeded, every rank waits for the others first (rank 0
+    still computes the CV score and writes the files); a rank that tears down while its peers are still connected
+    can be aborted by gloo ("terminate called without an active exception", exit -6)."""
     if world is not None:
+        if wait:
+            world.dist.barrier()
         world.dist.destroy_process_group()

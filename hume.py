@@ -171,9 +171,12 @@ def main(argv=None):
     if world:
         cfg = dataclasses.replace(cfg, device=world.device, quiet=cfg.quiet or world.rank != 0)
     try:
-        return run(cfg, world)
-    finally:
+        results = run(cfg, world)
+    except BaseException:
         distributed.close(world)
+        raise
+    distributed.close(world, wait=True)
+    return results
 
 
 def run(cfg, world):
