@@ -28,11 +28,7 @@ Two layouts of the subsets' data (layout="auto" picks by size):
   forward and the backward pass. Each subset's loss CE_s depends on its own labels only, and the adjoint is linear in
   the incoming gradient g_s = dL/dCE_s, so the adjoint is run right after the subset's inner loop with g_s = 1 and
   its label gradients are scaled by g_s when autograd asks for them: nothing of the inner loop outlives its subset.
-  Classes are padded to a multiple of PAD with zero classifier rows, zero labels and logits set to -inf before the
-  softmax, so their probabilities, residuals and adjoint rows are exactly 0 and the result is exactly that of k
-  classes. Skinny float32 GEMMs and softmaxes 16 columns wide run faster than 10 wide (2-core Zen 4, 2 threads:
-  X w^T of 9,000 x 769 x 16 in 2.1 ms vs 2.9 ms for x 10; softmax over 16 columns ~8x faster than over 10).
-  X_tr is kept in both orders, X for X w^T and X^T for X^T G, the fastest form of each (1.9 ms vs 2.8 ms).
+  On a CPU the products run through oneDNN (see gemms).
 With bf16=True (either layout) the GEMMs of the inner loop and its adjoint read a bfloat16 copy of X and bfloat16
 roundings of w, A and the residuals, and return bfloat16 (no CPU kernel returns float32 from bfloat16 operands);
 softmax, iterates and sums stay in the input's precision. An approximation, ~5x faster GEMMs on CPUs with
@@ -45,11 +41,12 @@ import torch
 
 from model import labels
 
-SHARED_RATIO = 1.5  # use the shared (wide-GEMM) layout when S > 1 subsets have a union of <= 1.5 x m_tr rows:
-# past that its GEMMs over every row of the union cost more than the subset layout's (2 subsets of 9,000 training
-# rows out of 50,000 have a union of ~2 x m_tr and ran 1.5x slower shared; the demo's subsets cover its 1.1 x m_tr)
+SHARED_RATIO = 1.2  # use the shared (wide-GEMM) layout when S > 1 subsets have a union of <= 1.2 x m_tr rows, i.e.
+# they nearly cover the data (the demo: 1.1 x m_tr, 1.7x faster shared at S=5). Past that the subset layout's
+# oneDNN GEMMs win (2-core Zen 4, 30 steps, k=10: 10,000-point subsets at 1.2-2.1 x m_tr ran 1.15-1.5x faster
+# subset; at the demo's size shared won to ~1.5 x m_tr for S >= 4, but lost at S=3 from 1.4 x m_tr)
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this
-PAD = 16  # subset layout: classes padded to a multiple of this (skinny GEMMs are faster 16 columns wide)
+ONEDNN_MAX_WIDTH = 20  # CPU products at most this many columns wide go through oneDNN (see gemms)
 
 
 def softmax(Z):
@@ -68,6 +65,23 @@ def entropy(p, eps=1e-8):
     return -(p * torch.log(p)).sum(-1)
 
 
+def gemms(X, width, bf16=False):
+    """The inner loop's two products with a fixed X (m, D): logits(w) = X w^T (m, r) for w (r, D) and
+    grad(G) = G^T X (r, D) for G (m, r), r about `width`. G^T X is taken as (X^T G)^T from a copy of X^T, read
+    row-major. On a CPU (float32 or bfloat16) skinny products go through oneDNN, which runs them ~2x faster than
+    the default BLAS (2-core Zen 4, 9,000 x 769 x 10: X w^T 1.7 vs 3.5 ms, X^T G 1.8 vs 2.6 ms); from about
+    ONEDNN_MAX_WIDTH columns on the BLAS is as fast or faster (X^T G x 32: 4.2 vs 4.6 ms)."""
+    dtype = torch.bfloat16 if bf16 else X.dtype
+    Xg, Xt = X.to(dtype), X.T.contiguous().to(dtype)
+    if (width <= ONEDNN_MAX_WIDTH and X.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        Xg, Xt = Xg.to_mkldnn(), Xt.to_mkldnn()
+        mm = lambda A, B: torch._C._nn.mkldnn_linear(A, B.to(dtype).contiguous().to_mkldnn(), None).to_dense()
+    else:
+        mm = lambda A, B: A @ B.to(dtype).T
+    return SimpleNamespace(logits=lambda w: mm(Xg, w).to(X.dtype), grad=lambda G: mm(Xt, G.T).T.to(X.dtype))
+
+
 # ---------------------------------------------------------------- shared layout (all subsets in wide GEMMs)
 # The ops below are written for batched classifiers w (S, k, D), so the inner loop is written once for the shared
 # layout and for the unrolled reference's one-subset problems:
@@ -82,12 +96,12 @@ def gathered_ops(X):  # X: (S, m, D)
         subset_sum=lambda T: T.sum((1, 2)))
 
 
-def shared_ops(X, S, bf16=False):  # X: (N, D)
+def shared_ops(X, S, k, bf16=False):  # X: (N, D)
     N, D = X.shape
-    Xg, dtype = (X.bfloat16(), torch.bfloat16) if bf16 else (X, X.dtype)  # what the GEMMs read
+    g = gemms(X, S * k, bf16)
     return SimpleNamespace(
-        X=X, logits=lambda w: (Xg @ w.reshape(-1, D).to(dtype).T).view(N, S, -1).to(X.dtype),
-        grad=lambda G: (G.reshape(N, -1).to(dtype).T @ Xg).view(S, -1, D).to(X.dtype),
+        X=X, logits=lambda w: g.logits(w.reshape(-1, D)).view(N, S, -1),
+        grad=lambda G: g.grad(G.reshape(N, -1)).view(S, -1, D),
         subset_sum=lambda T: T.sum((0, 2)))
 
 
@@ -107,7 +121,7 @@ def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
         p.phi2a, p.idx = phi2a, idx
         p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]  # (S, m_tr, k), (S, m_te, k)
     elif layout == "shared":
-        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S, bf16)
+        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S, W.shape[0], bf16)
         p.Y_tr = p.Y_te = Y.unsqueeze(1)  # (N, 1, k), broadcast over subsets
         cols = torch.arange(S, device=idx.device).unsqueeze(1)
         p.M_tr = torch.zeros(len(rows), S, 1, dtype=phi2a.dtype, device=phi2a.device)
@@ -200,53 +214,34 @@ class AdjointInner(torch.autograd.Function):
 
 # ---------------------------------------------------------------- subset layout (one subset at a time)
 
-def subset_ops(X, bf16):
-    """Products with one subset's rows X (m, D) for padded classifiers w (kp, D): logits X w^T (m, kp) and
-    gradients (X^T G)^T (kp, D)."""
-    Xt = X.T.contiguous()  # X^T G reads X^T row-major faster than X column-major
-    if not bf16:
-        return SimpleNamespace(logits=lambda w: X @ w.T, grad=lambda G: (Xt @ G).T)
-    Xb, Xtb, dtype = X.bfloat16(), Xt.bfloat16(), X.dtype
-    return SimpleNamespace(logits=lambda w: (Xb @ w.bfloat16().T).to(dtype),
-                           grad=lambda G: (Xtb @ G.bfloat16()).T.to(dtype))
-
-
 def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
     """One subset: inner loop, outer CE and, unless order is 0, its label gradients for an incoming gradient of 1
     (order 2: exact adjoint; order 1: first order, dCE/dY_tr = 0 returned as None).
     X_tr (m, D), Y_tr (m, k), w0 (k, D). Returns ce (), fit (3,), dY_tr (m, k) or None, dY_te or None."""
     m, k = Y_tr.shape
-    kp = -(-k // PAD) * PAD
-    ops, c = subset_ops(X_tr, bf16), lr / m
-    w = X_tr.new_zeros(kp, X_tr.shape[1])
-    w[:k] = w0  # padded classes: zero weights, zero labels, and logit -inf (so softmax gives them exactly 0)
-    mask = X_tr.new_zeros(kp)
-    mask[k:] = -float("inf")
-    Y = X_tr.new_zeros(m, kp)
-    Y[:, :k] = Y_tr
-    keep_probs = order == 2 and steps * m * kp * X_tr.element_size() <= KEEP_PROBS_BYTES
-    probs, iterates, P0 = [], [], None
+    ops, c = gemms(X_tr, k, bf16), lr / m
+    keep_probs = order == 2 and steps * m * k * X_tr.element_size() <= KEEP_PROBS_BYTES
+    w, probs, iterates, P0 = w0, [], [], None
     for t in range(steps):
         if order == 2 and not keep_probs:
             iterates.append(w)
-        P = torch.softmax(ops.logits(w) + mask, 1)  # (m, kp)
+        P = softmax(ops.logits(w))  # (m, k)
         P0 = P if t == 0 else P0
         if keep_probs:
             probs.append(P)
-        w = w - c * ops.grad(P - Y)
-    logp_te = torch.log_softmax(X_te @ w[:k].T, 1)
+        w = w - c * ops.grad(P - Y_tr)
+    logp_te = torch.log_softmax(X_te @ w.T, 1)
     ce = -(Y_te * logp_te).sum() / len(X_te)
-    PT = torch.softmax(ops.logits(w) + mask, 1)
+    PT = softmax(ops.logits(w))
     P0 = PT if steps == 0 else P0
-    fit = torch.stack([-(Y_tr * torch.log(P[:, :k].clamp_min(1e-30))).sum() / m for P in (P0, PT)] +
+    fit = torch.stack([-(Y_tr * torch.log(P.clamp_min(1e-30))).sum() / m for P in (P0, PT)] +
                       [(PT.argmax(1) == Y_tr.argmax(1)).to(PT.dtype).mean()])
     if order == 0:
         return ce, fit, None, None
     dY_te = -logp_te / len(X_te)
     if order == 1:
         return ce, fit, None, dY_te
-    A = torch.zeros_like(w)
-    A[:k] = (logp_te.exp() - Y_te).T @ X_te / len(X_te)  # A_T = dCE/dw_T
+    A = (logp_te.exp() - Y_te).T @ X_te / len(X_te)  # A_T = dCE/dw_T
     A_sum = torch.zeros_like(A)
     for t in range(steps - 1, -1, -1):
         A_sum = A_sum + A  # A = A_{t+1}
@@ -254,11 +249,11 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
             break  # A_0 = dL/dw0 is not needed: w0 does not depend on the task encoder
         if keep_probs:
             P, dZ = probs[t], ops.logits(A)
-        else:  # recompute the logits of w_t beside the direction A, in one GEMM of width 2 kp
+        else:  # recompute the logits of w_t beside the direction A, in one GEMM of width 2k
             Z = ops.logits(torch.cat([iterates[t], A]))
-            P, dZ = torch.softmax(Z[:, :kp] + mask, 1), Z[:, kp:]
+            P, dZ = softmax(Z[:, :k]), Z[:, k:]
         A = A - c * ops.grad(P * (dZ - (P * dZ).sum(1, keepdim=True)))  # H_t A = X^T [P (dZ - <P, dZ>)] / m
-    return ce, fit, c * ops.logits(A_sum)[:, :k], dY_te
+    return ce, fit, c * ops.logits(A_sum), dY_te
 
 
 class SubsetAdjoint(torch.autograd.Function):
@@ -309,7 +304,7 @@ def _one_subset(p, s):
         X = p.phi2a[p.idx[s:s + 1]]
         return SimpleNamespace(ops_tr=gathered_ops(X[:, :p.m_tr]), ops_te=gathered_ops(X[:, p.m_tr:]),
                                Y_tr=p.Y_tr[s:s + 1], Y_te=p.Y_te[s:s + 1], M_tr=None, M_te=None)
-    ops = shared_ops(p.ops_tr.X, 1)
+    ops = shared_ops(p.ops_tr.X, 1, p.Y_rows.shape[1])
     return SimpleNamespace(ops_tr=ops, ops_te=ops, Y_tr=p.Y_tr, Y_te=p.Y_te,
                            M_tr=p.M_tr[:, s:s + 1], M_te=p.M_te[:, s:s + 1])
 

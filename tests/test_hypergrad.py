@@ -76,8 +76,8 @@ def continuous_entries(encoder):
     (50, 5, 9, 4, 3, 500, 0.8, True, True),    # subset larger than n: capped, covers all points
     (300, 10, 6, 5, 8, 50, 0.9, False, False),  # subset layout
     (300, 10, 6, 2, 1, 50, 0.5, True, True),   # one inner step
-    (300, 10, 6, 16, 4, 50, 0.9, False, True),  # k a multiple of hypergrad.PAD: no padded classes
-    (300, 10, 6, 17, 4, 50, 0.9, False, False),  # k = PAD + 1: 15 padded classes, logits recomputed
+    (300, 10, 6, 16, 4, 50, 0.9, False, False),  # recomputed logits 2k = 32 wide (float32: through oneDNN)
+    (300, 10, 6, 24, 4, 50, 0.9, False, True),  # k > hypergrad.ONEDNN_MAX_WIDTH: the BLAS in both precisions
 ])
 def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixed, keep_probs, monkeypatch):
     if not keep_probs:
@@ -93,6 +93,33 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
     loss_u, grad_u = grad_of(encoder, *common, settings("unrolled", inner_lr=0.5, steps=steps))
     assert abs(loss_a - loss_u).item() <= tol * max(1.0, abs(loss_u).item())
     assert ((grad_a - grad_u).norm() / grad_u.norm()).item() <= tol
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("width", [1, 3, 10, 20, 21, 40])
+def test_gemms_match_float64_products(width, bf16):
+    """Both products, whichever kernel runs them (oneDNN up to ONEDNN_MAX_WIDTH columns on a CPU, else the BLAS),
+    against float64 matmuls of the same float32 operands (for bf16: of their bfloat16 roundings)."""
+    g = torch.Generator().manual_seed(width)
+    X, w, G = (torch.randn(*s, generator=g) for s in ((300, 70), (width, 70), (300, width)))
+    ops = hypergrad.gemms(X, width, bf16)
+    r = (lambda T: T.bfloat16().double()) if bf16 else (lambda T: T.double())
+    tol = 1e-2 if bf16 else 1e-6  # bf16: the products' outputs are rounded to bfloat16
+    for got, ref in ((ops.logits(w), r(X) @ r(w).T), (ops.grad(G), r(G).T @ r(X))):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert ((got.double() - ref).norm() / ref.norm()).item() <= tol
+
+
+def test_blas_and_onednn_agree_on_the_hypergradient(monkeypatch):
+    """The float32 hypergradient with oneDNN turned off (torch's own switch) matches the default run."""
+    phi1, phi2a, encoder, g = problem(n=300, d1=10, d2=6, k=5, dtype=torch.float32)
+    idx = model.sample_subsets(g, 300, 3, 50)
+    w0 = model.init_inner(g, 3, 5, 6, torch.float32)
+    common = (phi1, phi2a, idx, 45, w0, 0.2, settings("adjoint", inner_lr=0.5, steps=6))
+    loss_a, grad_a = grad_of(encoder, *common)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    loss_b, grad_b = grad_of(encoder, *common)
+    assert abs(loss_a - loss_b).item() <= 1e-6 and ((grad_a - grad_b).norm() / grad_b.norm()).item() <= 1e-5
 
 
 def test_layouts_agree():
