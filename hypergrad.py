@@ -116,7 +116,7 @@ def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
     """
     S, m = idx.shape
     rows, inv = torch.unique(idx, return_inverse=True)  # inv: (S, m) positions in rows
-    Y = labels(phi1[rows], W, tau)  # (N, k): each point labelled once, even if it sits in several subsets
+    Y = labels(phi1, W, tau, rows)  # (N, k): each point labelled once, even if it sits in several subsets
     if layout == "auto":
         layout = "shared" if S > 1 and len(rows) <= SHARED_RATIO * m_tr else "subset"
     p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout)
@@ -155,7 +155,7 @@ def inner_descent(ops, Y, M, w0, lr, m, steps, keep):
         P0 = P if P0 is None else P0
         if keep == "probs":
             probs.append(P)
-        w = w - (lr / m) * ops.grad(_masked(P - Y, M))
+        w = torch.add(w, ops.grad(_masked(P - Y, M)), alpha=-lr / m)
         if keep:
             iterates.append(w)
     return w, iterates, probs, P0
@@ -199,7 +199,7 @@ class AdjointInner(torch.autograd.Function):
         A = p.ops_te.grad(_masked((logp_te.exp() - Y_te) * g_z, p.M_te)) / p.m_te
         A_sum = torch.zeros_like(A)
         for t in range(steps - 1, -1, -1):
-            A_sum = A_sum + A  # A = A_{t+1}
+            A_sum += A  # A = A_{t+1}
             if t == 0:
                 break  # A_0 = dL/dw0 is not needed: w0 does not depend on the task encoder
             if ctx.probs:
@@ -209,7 +209,7 @@ class AdjointInner(torch.autograd.Function):
                 Z = p.ops_tr.logits(torch.cat([ctx.iterates[t], A], 1))
                 P, dZ = softmax(Z[..., :k]), Z[..., k:]
             Q = P * (dZ - (P * dZ).sum(-1, keepdim=True))  # H_t A = X^T Q / m
-            A = A - (lr / p.m_tr) * p.ops_tr.grad(_masked(Q, p.M_tr))
+            A = torch.add(A, p.ops_tr.grad(_masked(Q, p.M_tr)), alpha=-lr / p.m_tr)
         dY_tr = _masked(p.ops_tr.logits(A_sum), p.M_tr) * (lr / p.m_tr)
         ctx.iterates = ctx.probs = None
         return _sum_to(dY_tr, Y_tr), _sum_to(dY_te, Y_te), None, None, None, None
@@ -232,7 +232,7 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
         P0 = P if t == 0 else P0
         if keep_probs:
             probs.append(P)
-        w = w - c * ops.grad(P - Y_tr)
+        w = torch.add(w, ops.grad(P - Y_tr), alpha=-c)
     logp_te = torch.log_softmax(X_te @ w.T, 1)
     ce = -(Y_te * logp_te).sum() / len(X_te)
     PT = softmax(ops.logits(w))
@@ -247,7 +247,7 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
     A = (logp_te.exp() - Y_te).T @ X_te / len(X_te)  # A_T = dCE/dw_T
     A_sum = torch.zeros_like(A)
     for t in range(steps - 1, -1, -1):
-        A_sum = A_sum + A  # A = A_{t+1}
+        A_sum += A  # A = A_{t+1}
         if t == 0:
             break  # A_0 = dL/dw0 is not needed: w0 does not depend on the task encoder
         if keep_probs:
@@ -255,7 +255,8 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
         else:  # recompute the logits of w_t beside the direction A, in one GEMM of width 2k
             Z = ops.logits(torch.cat([iterates[t], A]))
             P, dZ = softmax(Z[:, :k]), Z[:, k:]
-        A = A - c * ops.grad(P * (dZ - (P * dZ).sum(1, keepdim=True)))  # H_t A = X^T [P (dZ - <P, dZ>)] / m
+        Q = P * (dZ - (P * dZ).sum(1, keepdim=True))  # H_t A = X^T Q / m
+        A = torch.add(A, ops.grad(Q), alpha=-c)
     return ce, fit, c * ops.logits(A_sum), dY_te
 
 

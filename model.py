@@ -27,9 +27,25 @@ def make_task_encoder(d1, k):
     return nn.utils.parametrizations.orthogonal(nn.Linear(d1, k, bias=False))
 
 
-def labels(phi1, W, tau):
-    """Eq. 3: the task encoder's labeling, row-wise sparsemax of phi1 W^T / tau."""
-    return sparsemax(phi1 @ W.T / tau)
+def labels(phi1, W, tau, rows=None):
+    """Eq. 3: the task encoder's labeling, row-wise sparsemax of phi1 W^T / tau; of phi1[rows] if rows are given."""
+    return sparsemax((phi1 @ W.T if rows is None else RowsTimesWT.apply(phi1, rows, W)) / tau)
+
+
+class RowsTimesWT(torch.autograd.Function):
+    """phi1[rows] W^T without keeping the gathered rows for the backward pass (at the paper's defaults, 20 subsets
+    cover nearly all 50,000 points: a 100 MB copy alive through every inner loop); the backward gathers them again,
+    when the inner loops' memory is free."""
+
+    @staticmethod
+    def forward(ctx, phi1, rows, W):
+        ctx.save_for_backward(phi1, rows)
+        return phi1[rows] @ W.T
+
+    @staticmethod
+    def backward(ctx, g):
+        phi1, rows = ctx.saved_tensors
+        return None, None, g.T @ phi1[rows]
 
 
 @torch.no_grad()
