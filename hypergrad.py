@@ -39,6 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
+from inputs import Rows
 from model import labels
 
 SHARED_RATIO = 1.2  # use the shared (wide-GEMM) layout when S > 1 subsets have a union of <= 1.2 x m_tr rows, i.e.
@@ -110,24 +111,27 @@ def shared_ops(X, S, k, bf16=False):  # X: (N, D)
 
 def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
     """Labels and inner-problem data for S subsets. idx: (S, m) point indices, the first m_tr of each row train.
+    phi2a: phi2 with its ones column, a tensor or an inputs.Rows (which prepares the rows it is asked for).
 
     Returns a namespace with Y_rows (labels of the union of rows, for the entropy term), the labels of each subset's
-    X_tr and X_te, and the layout's data (shared: ops and masks; subset: phi2a and idx, rows gathered when used).
+    X_tr and X_te, and the layout's data (shared: ops and masks; subset: take and idx, rows gathered when used).
     """
     S, m = idx.shape
     rows, inv = torch.unique(idx, return_inverse=True)  # inv: (S, m) positions in rows
     Y = labels(phi1, W, tau, rows)  # (N, k): each point labelled once, even if it sits in several subsets
     if layout == "auto":
         layout = "shared" if S > 1 and len(rows) <= SHARED_RATIO * m_tr else "subset"
+    take = phi2a.take if isinstance(phi2a, Rows) else phi2a.__getitem__
     p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout)
     if layout == "subset":
-        p.phi2a, p.idx = phi2a, idx
+        p.take, p.idx = take, idx
         p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]  # (S, m_tr, k), (S, m_te, k)
     elif layout == "shared":
-        p.ops_tr = p.ops_te = shared_ops(phi2a[rows], S, W.shape[0], bf16)
+        X = take(rows)
+        p.ops_tr = p.ops_te = shared_ops(X, S, W.shape[0], bf16)
         p.Y_tr = p.Y_te = Y.unsqueeze(1)  # (N, 1, k), broadcast over subsets
         cols = torch.arange(S, device=idx.device).unsqueeze(1)
-        p.M_tr = torch.zeros(len(rows), S, 1, dtype=phi2a.dtype, device=phi2a.device)
+        p.M_tr = torch.zeros(len(rows), S, 1, dtype=X.dtype, device=X.device)
         p.M_te = torch.zeros_like(p.M_tr)
         p.M_tr[inv[:, :m_tr], cols.expand(-1, m_tr)] = 1
         p.M_te[inv[:, m_tr:], cols.expand(-1, m - m_tr)] = 1
@@ -268,7 +272,7 @@ class SubsetAdjoint(torch.autograd.Function):
     def forward(ctx, Y_tr, Y_te, w0, p, lr, steps, order, bf16):
         out = []
         for s in range(p.S):
-            X = p.phi2a[p.idx[s]]  # (m, D): this subset's rows, X_tr then X_te
+            X = p.take(p.idx[s])  # (m, D): this subset's rows, X_tr then X_te
             out.append(subset_adjoint(X[:p.m_tr], Y_tr[s], X[p.m_tr:], Y_te[s], w0[s], lr, steps, order, bf16))
         ce, fit, dY_tr, dY_te = zip(*out)
         ctx.dY_tr = torch.stack(dY_tr) if order == 2 else None
@@ -305,7 +309,7 @@ def unrolled_inner(p, w0, lr, steps):
 def _one_subset(p, s):
     """Subset s of a problem as a problem of its own (batched ops with S=1)."""
     if p.layout == "subset":
-        X = p.phi2a[p.idx[s:s + 1]]
+        X = p.take(p.idx[s]).unsqueeze(0)
         return SimpleNamespace(ops_tr=gathered_ops(X[:, :p.m_tr]), ops_te=gathered_ops(X[:, p.m_tr:]),
                                Y_tr=p.Y_tr[s:s + 1], Y_te=p.Y_te[s:s + 1], M_tr=None, M_te=None)
     ops = shared_ops(p.ops_tr.X, 1, p.Y_rows.shape[1])

@@ -13,8 +13,9 @@ from utils import HumeError, check_rows, load_array, load_labels, warn
 
 
 class Rows:
-    """Rows of one phi array as float32 tensors on a device, prepared on the way (L2-normalised, scaled, a ones
-    column for the inner bias): held prepared in memory, or memory-mapped and prepared as rows are read."""
+    """Rows of one phi array as float32 tensors on a device, prepared as they are read (L2-normalised, scaled, a ones
+    column for the inner bias). The array is held as given, in memory or memory-mapped: an outer step reads only its
+    subsets' rows, so no prepared copy of the whole array is ever made (at ImageNet's size phi2 is 10 GB)."""
 
     def __init__(self, arr, device, normalize=False, scale=1.0, ones=False):
         """arr: a numpy array (made float32), a np.memmap (read on demand) or a tensor (its dtype kept)."""
@@ -22,7 +23,8 @@ class Rows:
         self.mapped = isinstance(arr, np.memmap)
         if not self.mapped and not torch.is_tensor(arr):
             arr = torch.from_numpy(np.asarray(arr, dtype=np.float32))
-        self.data = arr if self.mapped else self._prepare(arr)
+        self.data = arr if self.mapped else arr.to(self.device)
+        self._all = None
 
     def _prepare(self, x):
         x = x.to(self.device)
@@ -38,17 +40,23 @@ class Rows:
         return self.data.shape[0]
 
     def take(self, rows):
-        """The given rows (a sorted LongTensor) as a tensor on the device."""
+        """The given rows (a LongTensor; sorted, for sequential disk reads when memory-mapped), prepared."""
         if not self.mapped:
-            return self.data[rows.to(self.device)]
-        x = np.asarray(self.data[rows.cpu().numpy()], dtype=np.float32)  # sorted rows: sequential disk reads
-        return self._prepare(torch.from_numpy(x))
+            return self._prepare(self.data[rows.to(self.device)])
+        return self._prepare(torch.from_numpy(np.asarray(self.data[rows.cpu().numpy()], dtype=np.float32)))
 
     def range(self, start, stop):
-        """Rows start..stop-1 (stop capped at the length)."""
-        stop = min(stop, len(self))
-        return self._prepare(torch.from_numpy(np.array(self.data[start:stop], dtype=np.float32))) \
-            if self.mapped else self.data[start:stop]
+        """Rows start..stop-1 (stop capped at the length), prepared."""
+        x = self.data[start:min(stop, len(self))]
+        return self._prepare(torch.from_numpy(np.array(x, dtype=np.float32)) if self.mapped else x)
+
+    def all(self):
+        """Every row, prepared: the array itself when there is nothing to prepare, else a prepared copy kept for
+        the next call (phi1's labels read every row at every outer step)."""
+        if self._all is None:
+            plain = not (self.mapped or self.normalize or self.scale != 1.0 or self.ones)
+            self._all = self.data if plain else self.range(0, len(self))
+        return self._all
 
 
 class Data(NamedTuple):

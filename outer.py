@@ -37,13 +37,14 @@ def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
     W = encoder.weight
     W_leaf = W.detach().requires_grad_(True)
     S = total_subsets or batch.idx.shape[0]
-    # memory-mapped sources: the union of the subsets' rows is read once; in-memory ones are indexed in place
+    # memory-mapped sources: the union of the subsets' rows is read once; in-memory ones are indexed in place, phi2's
+    # rows prepared as the inner loops gather them
     rows, inv = torch.unique(batch.idx, return_inverse=True) if phi1.mapped else (None, batch.idx)
-    phi1_r = phi1.take(rows) if phi1.mapped else phi1.data
+    phi1_r = phi1.take(rows) if phi1.mapped else phi1.all()
     chunks = [slice(s, s + 1) for s in range(batch.idx.shape[0])] if obj.method == "unrolled" else [slice(None)]
     total, fits, weight = 0.0, [], 1.0 / (S * len(phi2s))
     for phi2, w0, lr in zip(phi2s, batch.w0s, obj.inner_lrs, strict=True):
-        phi2_r = phi2.take(rows) if phi2.mapped else phi2.data
+        phi2_r = phi2.take(rows) if phi2.mapped else phi2
         for c in chunks:  # the unrolled reference frees each subset's graph before building the next
             losses, fit = outer_losses(phi1_r, phi2_r, W_leaf, tau, inv[c], batch.m_tr, w0[c], lr, obj.steps,
                                        obj.H_reg, obj.method, bf16=obj.bf16)

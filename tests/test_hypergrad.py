@@ -43,8 +43,15 @@ def loss_at(encoder, theta, phi1, phi2a, idx, m_tr, w0, tau, args):
     return losses.mean().item()
 
 
-@pytest.mark.parametrize("layout_n", [40, 200])  # 40: subsets cover the data (shared); 200: subset
-def test_hypergradient_matches_finite_differences(layout_n):
+def use_layout(monkeypatch, layout):
+    """Make layout="auto" pick this layout whatever the sizes (the threshold is hypergrad.SHARED_RATIO)."""
+    monkeypatch.setattr(hypergrad, "SHARED_RATIO", float("inf") if layout == "shared" else 0.0)
+
+
+@pytest.mark.parametrize("layout", ["shared", "subset"])
+@pytest.mark.parametrize("layout_n", [40, 200])  # 40: subsets cover most of the data; 200: they do not
+def test_hypergradient_matches_finite_differences(layout_n, layout, monkeypatch):
+    use_layout(monkeypatch, layout)
     phi1, phi2a, encoder, g = problem(n=layout_n)
     S, m, m_tr = 2, 30, 20
     idx = model.sample_subsets(g, layout_n, S, m)
@@ -74,12 +81,14 @@ def continuous_entries(encoder):
     (60, 8, 7, 3, 6, 40, 0.7, False, True),
     (60, 8, 7, 3, 6, 40, 0.7, False, False),   # recompute logits in the backward pass
     (50, 5, 9, 4, 3, 500, 0.8, True, True),    # subset larger than n: capped, covers all points
-    (300, 10, 6, 5, 8, 50, 0.9, False, False),  # subset layout
+    (300, 10, 6, 5, 8, 50, 0.9, False, False),  # subsets a sixth of the data
     (300, 10, 6, 2, 1, 50, 0.5, True, True),   # one inner step
     (300, 10, 6, 16, 4, 50, 0.9, False, False),  # recomputed logits 2k = 32 wide (float32: through oneDNN)
     (300, 10, 6, 24, 4, 50, 0.9, False, True),  # k > hypergrad.ONEDNN_MAX_WIDTH: the BLAS in both precisions
 ])
-def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixed, keep_probs, monkeypatch):
+@pytest.mark.parametrize("layout", ["shared", "subset"])
+def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixed, keep_probs, layout, monkeypatch):
+    use_layout(monkeypatch, layout)
     if not keep_probs:
         monkeypatch.setattr(hypergrad, "KEEP_PROBS_BYTES", 0)
     phi1, phi2a, encoder, g = problem(n, d1, d2, k, dtype)
@@ -135,9 +144,11 @@ def test_layouts_agree():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("n", [40, 200])  # shared, subset layout
-def test_first_order_is_gradient_through_outer_labels_only(n):
+@pytest.mark.parametrize("layout", ["shared", "subset"])
+@pytest.mark.parametrize("n", [40, 200])
+def test_first_order_is_gradient_through_outer_labels_only(n, layout, monkeypatch):
     """Finite differences of the outer loss with the inner solution w_T held fixed at its value for theta."""
+    use_layout(monkeypatch, layout)
     phi1, phi2a, encoder, g = problem(n=n)
     S, m, m_tr, steps, lr, tau = 2, 30, 20, 5, 0.1, 0.3
     idx = model.sample_subsets(g, n, S, m)
@@ -204,10 +215,11 @@ def test_two_identical_spaces_give_the_single_space_gradient():
     assert torch.allclose(grad1, grad2, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("n", [1500, 20000])  # shared, subset layout
-def test_bf16_hypergradient_is_close_to_float32(n):
+@pytest.mark.parametrize("n,layout", [(1500, "shared"), (20000, "subset")])
+def test_bf16_hypergradient_is_close_to_float32(n, layout, monkeypatch):
     """--bf16 rounds the inner GEMMs' operands and results to 8 significant bits: the hypergradient stays within a
     percent of float32's on a problem of realistic shape (scaled down), and the loss within 1e-2."""
+    use_layout(monkeypatch, layout)
     phi1, phi2a, encoder, g = problem(n=n, d1=32, d2=64, k=10, dtype=torch.float32)
     idx = model.sample_subsets(g, n, 2, 1000)
     w0 = model.init_inner(g, 2, 10, 64, torch.float32)

@@ -71,9 +71,10 @@ def test_resume_refuses_changed_settings(tmp_path, monkeypatch):
     assert err.count("\n") == 1 and "--H_reg" in err
 
 
-def test_mmap_gives_the_same_task_as_in_memory(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--inner_lr", "auto"]])  # auto: phi2 rows scaled as they are read
+def test_mmap_gives_the_same_task_as_in_memory(tmp_path, extra):
     p = write_problem(str(tmp_path / "data"), n=300, n_val=60)
-    common = paths(p, val=True) + BUDGET + ["--num_iters", "4"]
+    common = paths(p, val=True) + BUDGET + ["--num_iters", "4"] + extra
     hume.main(common + ["--exp_path", str(tmp_path / "mem")])
     hume.main(common + ["--exp_path", str(tmp_path / "mmap"), "--mmap"])
     a, b = task(str(tmp_path / "mem")), task(str(tmp_path / "mmap"))
