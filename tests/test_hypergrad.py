@@ -84,7 +84,7 @@ def continuous_entries(encoder):
     (300, 10, 6, 5, 8, 50, 0.9, False, False),  # subsets a sixth of the data
     (300, 10, 6, 2, 1, 50, 0.5, True, True),   # one inner step
     (300, 10, 6, 16, 4, 50, 0.9, False, False),  # recomputed logits 2k = 32 wide (float32: through oneDNN)
-    (300, 10, 6, 24, 4, 50, 0.9, False, True),  # k > hypergrad.ONEDNN_MAX_WIDTH: the BLAS in both precisions
+    (300, 10, 6, 24, 4, 50, 0.9, False, True),
 ])
 @pytest.mark.parametrize("layout", ["shared", "subset"])
 def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixed, keep_probs, layout, monkeypatch):
@@ -107,8 +107,8 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("width", [1, 3, 10, 20, 21, 40])
 def test_gemms_match_float64_products(width, bf16):
-    """Both products, whichever kernel runs them (oneDNN up to ONEDNN_MAX_WIDTH columns on a CPU, else the BLAS),
-    against float64 matmuls of the same float32 operands (for bf16: of their bfloat16 roundings)."""
+    """Both products (on a CPU through oneDNN's packed kernels) against float64 matmuls of the same float32
+    operands (for bf16: of their bfloat16 roundings)."""
     g = torch.Generator().manual_seed(width)
     X, w, G = (torch.randn(*s, generator=g) for s in ((300, 70), (width, 70), (300, width)))
     ops = hypergrad.gemms(X, width, bf16)
