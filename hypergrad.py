@@ -31,8 +31,8 @@ Two layouts of the subsets' data (layout="auto" picks by size):
   The products and the softmax are products.py's (oneDNN's packed kernels on a CPU).
 With bf16=True (either layout) the GEMMs of the inner loop and its adjoint read a bfloat16 copy of X and bfloat16
 roundings of w, A and the residuals, and return bfloat16 (no CPU kernel returns float32 from bfloat16 operands);
-softmax, iterates and sums stay in the input's precision. An approximation, ~5x faster GEMMs on CPUs with
-AVX512_BF16; bench.py reports its hypergradient error against float32.
+softmax, iterates and sums stay in the input's precision. An approximation, ~2x faster inner loops at the paper's
+scale on CPUs with AVX512_BF16; bench.py reports its hypergradient error against float32.
 outer.py averages these losses over subsets and phi2 spaces for one outer iteration.
 """
 from types import SimpleNamespace
