@@ -31,7 +31,7 @@ from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
 from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
-from utils import HumeError, interruptible, log, run_cli, seed_everything, summary, warn
+from utils import HumeError, interruptible, log, release_freed_memory, run_cli, seed_everything, summary, warn
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -204,7 +204,9 @@ def train_and_finish(cfg, data, world):
     encoder, state = train(cfg, data, steps, world)
     if world and world.rank != 0:
         return None
+    release_freed_memory()  # before the CV score and, again, before interpreter shutdown pages in its share
     results = finish(cfg, data, steps, encoder, state)
+    release_freed_memory()
     log(summary(state["seconds"], results), cfg.quiet)
     return results
 
