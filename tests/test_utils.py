@@ -111,3 +111,10 @@ def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path,
     with pytest.raises(exc):
         files.atomic_write(str(fresh), write_and_remove)
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
+
+
+def test_release_freed_memory_runs_where_glibc_has_malloc_trim():
+    import platform
+    ran = utils.release_freed_memory()
+    assert isinstance(ran, bool)
+    assert ran == (platform.libc_ver()[0] == "glibc")
