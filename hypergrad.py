@@ -44,9 +44,9 @@ from model import labels
 from products import gemms, softmax
 
 SHARED_RATIO = 1.2  # use the shared (wide-GEMM) layout when S > 1 subsets have a union of <= 1.2 x m_tr rows, i.e.
-# they nearly cover the data (the demo: 1.1 x m_tr, 1.7x faster shared at S=5). Past that the subset layout's
-# oneDNN GEMMs win (2-core Zen 4, 30 steps, k=10: 10,000-point subsets at 1.2-2.1 x m_tr ran 1.15-1.5x faster
-# subset; at the demo's size shared won to ~1.5 x m_tr for S >= 4, but lost at S=3 from 1.4 x m_tr)
+# they nearly cover the data. Measured with products.py's kernels (2-core Zen 4, 30 steps, k=10; subset time / shared
+# time): at 1.1 x m_tr shared wins (demo S=5: 1.23; 10,000-point subsets S=2: 1.06, S=5: 1.10); from 1.25 x m_tr
+# the subset layout wins or ties (S=2 at 1.25: 0.80; demo-sized S=3 at 1.37: 0.92, S=4 at 1.72: 0.86; S=4 at 1.43: 1.01)
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this
 
 
