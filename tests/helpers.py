@@ -191,6 +191,18 @@ def describe(proc):
     return f"\n$ {' '.join(proc.args)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
+def assert_clean_failure(proc, expect):
+    """A finished run (helpers.Result) refused its input: exit 2, one stderr line "error: ..." holding each of
+    expect, no traceback."""
+    info = describe(proc)
+    assert proc.returncode == 2, info
+    assert "Traceback" not in proc.stdout + proc.stderr, info
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), info
+    for s in expect:
+        assert s in lines[0], f"the error line should name {s!r}" + info
+
+
 # ---------------------------------------------------------------- checks for refused inputs (tests/test_trust_*)
 
 def refused(result, *needles):
