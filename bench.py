@@ -29,6 +29,7 @@ import torch
 
 import distributed
 import outer
+import products
 from inputs import Rows
 from model import init_inner, make_task_encoder, sample_subsets
 from utils import DEMO, make_parser
@@ -79,8 +80,9 @@ def worker(job):
     S, T, k = job["S"], job["T"], job["k"]
     encoder = make_task_encoder(d1, k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    method = "adjoint" if job["method"] == "bf16" else job["method"]
-    obj = outer.Objective((1e-3,), T, 10.0, method, bf16=job["method"] == "bf16")
+    method, bf16 = ("adjoint", True) if job["method"] == "bf16" else (job["method"], False)
+    plan = None if method == "unrolled" else products.plan(n, m, m_tr, d2 + 1, k, S, dev, bf16)
+    obj = outer.Objective((1e-3,), T, 10.0, method, bf16, (plan,) if plan else ())
     gen = torch.Generator().manual_seed(0)
     base = rss_mib()
     if dev.type == "cpu":  # reset the peak RSS (VmHWM) so that making the data does not count
@@ -115,15 +117,16 @@ def worker(job):
     share = float(np.median(comm[job["warmup"]:]) / sec) if comm else 0.0
     err = bf16_error(encoder, phi1, phi2, batch, obj) if obj.bf16 and not world else None
     return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "x_gb": x_bytes / 1e9, "n": n,
-            "allreduce_share": share, "bf16_error": err}
+            "allreduce_share": share, "bf16_error": err, "plan": plan and plan._asdict()}
 
 
 def bf16_error(encoder, phi1, phi2, batch, obj):
-    """Relative error ||g_bf16 - g_fp32|| / ||g_fp32|| of the hypergradient on the same subsets and inits."""
+    """Relative error ||g_bf16 - g_fp32|| / ||g_fp32|| of the hypergradient on the same subsets and inits (the
+    planned bfloat16 kernel against the first float32 kernel that runs)."""
     grads = []
-    for bf16 in (False, True):
+    for o in (obj._replace(bf16=False, plans=()), obj):
         encoder.zero_grad(set_to_none=True)
-        outer.hypergradient(encoder, phi1, [phi2], batch, 0.1, obj._replace(bf16=bf16))
+        outer.hypergradient(encoder, phi1, [phi2], batch, 0.1, o)
         grads.append(torch.cat([p.grad.flatten() for p in encoder.parameters()]))
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
@@ -151,6 +154,19 @@ def copy_bandwidth(device, mib=512, repeats=5):
         b[0].item()
         times.append(time.perf_counter() - t0)
     return 2 * a.numel() * 4 / float(np.median(times[1:])) / 1e9
+
+
+def cpu_isa():
+    """What the products can use here: torch's CPU capability, the CPU's own vector and matrix flags, and the limits
+    set through oneDNN's and MKL's documented variables (a limit emulates an older CPU on this one)."""
+    flags = set()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx_ne_convert", "amx_bf16")
+    limits = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if v in os.environ]
+    return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags "
+            f"{' '.join(f for f in wanted if f in flags) or 'unknown'}; limits {' '.join(limits) or 'none (native)'}")
 
 
 def run_job(job):
@@ -189,7 +205,8 @@ def main():
     rate, bw = gemm_rate(a.device), copy_bandwidth(a.device)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")
-    print(f"{'scale':9} {'method':12} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} {'MiB/step':>8} "
+    print(f"ISA: {cpu_isa()}")
+    print(f"{'scale':9} {'method':12} {'kernel, layout':22} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} {'MiB/step':>8} "
           f"{'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} {'bf16 err':>8}")
     rows, first = [], {}
     for scale in a.scale:
@@ -209,18 +226,20 @@ def main():
                 row = dict(scale=scale, method=method, nproc=nproc, S=c["S"], T=T, n=r["n"], seconds=r["seconds"],
                            allreduce_share=r["allreduce_share"], peak_mib=r["peak_mib"], mib_per_step=per_step,
                            fraction_of_peak=r["gflop"] / r["seconds"] / rate, x_gb_per_s=r["x_gb"] / r["seconds"],
-                           bandwidth_gb_per_s=bw, bf16_error=r["bf16_error"],
+                           bandwidth_gb_per_s=bw, bf16_error=r["bf16_error"], plan=r["plan"],
                            speedup_vs_unrolled=ref["seconds"] / r["seconds"] if ref else None,
                            memory_vs_unrolled=r["peak_mib"] / ref["peak_mib"] if ref else None)
                 rows.append(row)
                 vs = "" if not ref else f"{row['speedup_vs_unrolled']:.2f}x"
                 err = "" if r["bf16_error"] is None else f"{r['bf16_error']:.1e}"
-                print(f"{scale:9} {method:12} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} "
+                how = f"{r['plan']['kernel']}, {r['plan']['layout']}" if r["plan"] else "plain matmuls"
+                print(f"{scale:9} {method:12} {how:22} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} "
                       f"{r['peak_mib']:9.1f} {per_step:8.2f} {vs:>12} {row['fraction_of_peak']:8.1%} "
                       f"{row['x_gb_per_s']:7.1f} {r['allreduce_share']:9.1%} {err:>8}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": name, "gemm_gflops": rate, "copy_gb_per_s": bw, "rows": rows}, f, indent=2)
+            json.dump({"device": name, "isa": cpu_isa(), "gemm_gflops": rate, "copy_gb_per_s": bw, "rows": rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+import products
 from inner_lr import inner_lr_type
 from utils import DEMO, HumeError, make_parser
 
@@ -47,8 +48,12 @@ def build_parser(doc):
                    help="drop the inner loop's dependence on the labels (cheaper, approximate)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (faster, less precise)")
     p.add_argument("--bf16", action="store_true", help="inner-loop GEMMs read a bfloat16 copy of phi2 (large data "
-                   "sets; ~5x faster GEMMs on CPUs with AVX512_BF16); approximate hypergradient, its error measured by "
-                   "bench.py --methods bf16")
+                   "sets; several times faster on CPUs with AVX512_BF16 or AMX, a warning where it is slower); "
+                   "approximate hypergradient, its error measured by bench.py --methods bf16")
+    p.add_argument("--kernel", choices=("auto",) + products.kernels(), default="auto",
+                   help="what computes the inner products: auto times every candidate that runs here on the run's "
+                   "shapes at start-up (about a second) and keeps the fastest, logged with its timings; a name pins "
+                   "it (bit-identical reruns on one machine whatever the timings say)")
     p.add_argument("--mmap", action="store_true", help="memory-map the .npy files and read only each iteration's "
                    "subsets (arrays larger than RAM)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise phi1 rows (HUME expects unit-norm phi1)")
@@ -87,6 +92,7 @@ class Settings:
     first_order: bool
     tf32: bool
     bf16: bool
+    kernel: str
     mmap: bool
     normalize: bool
     quiet: bool
@@ -136,6 +142,13 @@ def check_args(args):
         raise HumeError("give both --phi1_path_val and --phi2_path_val (inductive) or neither (transductive)")
     if (args.phi1_path is None) != (args.phi2_path is None):
         raise HumeError("give both --phi1_path and --phi2_path, or neither to run the bundled demo")
+    if args.kernel != "auto" and args.kernel.endswith("-bf16") != args.bf16:
+        want = "one ending in -bf16" if args.bf16 else "one without -bf16"
+        raise HumeError(f"--kernel {args.kernel} does not match --bf16 ({'on' if args.bf16 else 'off'}): pick {want}, "
+                        "or --kernel auto")
+    if args.kernel != "auto" and products.probe(args.kernel, args.device):
+        raise HumeError(f"--kernel {args.kernel} cannot run here: {products.probe(args.kernel, args.device)}; "
+                        "use --kernel auto")
     if args.phi2_path and args.phi2_path_val and len(args.phi2_path) != len(args.phi2_path_val):
         raise HumeError(f"{len(args.phi2_path)} --phi2_path files but {len(args.phi2_path_val)} --phi2_path_val "
                         "files; give one evaluation file per phi2 space, in the same order")

@@ -27,6 +27,7 @@ import config
 import distributed
 import inner_lr
 import outer
+import products
 from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
@@ -54,7 +55,9 @@ def train(cfg, data, steps, world=None):
     m_tr = int(cfg.train_fraction * m)  # both parts non-empty: checked by load_data
     phi2s = [Rows(p, dev, scale=s.scale, ones=True) for p, s in zip(data.phi2, steps)]
     phi1_val = Rows(data.phi1_val, dev, cfg.normalize)
-    obj = outer.Objective(tuple(s.lr for s in steps), cfg.adaptation_steps, cfg.H_reg, cfg.method, cfg.bf16)
+    plans = plan_kernels(cfg, data, n, m, m_tr, world)
+    obj = outer.Objective(tuple(s.lr for s in steps), cfg.adaptation_steps, cfg.H_reg, cfg.method, cfg.bf16,
+                          tuple(plans))
     encoder = make_task_encoder(d1, cfg.k).to(dev)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.outer_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -113,6 +116,8 @@ def train(cfg, data, steps, world=None):
             state["inner_fit_last"] = inner_lr.fit_summary(fit)
             record = {"iteration": it + 1, "loss": loss, "tau": tau, "lr": lr, "inner_lr": inner_lrs(steps),
                       "grad_norm": gnorm, "inner_fit": state["inner_fit_last"], "seconds": round(time.time() - t0, 3)}
+            if plans:  # the first record this process writes says how its inner loops run
+                record["plan"], plans = plan_record(plans), None
             if data.y_val is not None:
                 record["metrics"] = all_metrics(data.y_val, predict(encoder.weight, phi1_val))
                 log(f"iter {it + 1}: loss {loss:.4f} " +
@@ -123,6 +128,29 @@ def train(cfg, data, steps, world=None):
             save_checkpoint(it + 1)
     state["seconds"] = time.time() - t0
     return encoder, state
+
+
+def plan_kernels(cfg, data, n, m, m_tr, world):
+    """products.plan for each phi2 space on this run's shapes (this rank's share of the subsets): the inner loops'
+    layout and kernel, timed here. The unrolled reference needs none (plain matmuls)."""
+    if cfg.method == "unrolled":
+        return []
+    S = cfg.num_subsets if world is None else len(range(cfg.num_subsets)[distributed.share(world, cfg.num_subsets)])
+    only = None if cfg.kernel == "auto" else (cfg.kernel,)
+    plans = [products.plan(n, m, m_tr, p.shape[1] + 1, cfg.k, S, cfg.device, cfg.bf16, only) for p in data.phi2]
+    for p in plans:
+        log(f"inner products: {p.summary()}", cfg.quiet)
+        if products.advice(p):
+            warn(products.advice(p))
+    return plans
+
+
+def plan_record(plans):
+    """The plans as logged: the CPU's instruction set as torch sees it, and per phi2 space the choice, the
+    milliseconds per inner step of every candidate and why the others could not run."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "spaces": [{"layout": p.layout, "kernel": p.kernel, "ms_per_step": p.timings,
+                        "unavailable": p.unavailable} for p in plans]}
 
 
 def inner_lrs(steps):

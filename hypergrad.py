@@ -19,7 +19,8 @@ Three ways to differentiate it w.r.t. W (all give ordinary autograd tensors back
 - "first_order": the inner loop's dependence on the labels is dropped (TURTLE-style); the gradient flows only
   through the labels in the outer loss (dL/dY_tr = 0, dL/dY_te as above).
 
-Two layouts of the subsets' data (layout="auto" picks by size):
+Two layouts of the subsets' data (hume.py takes the one products.plan timed faster on the machine it runs on;
+layout="auto", for calls without a plan, picks by size):
 - "shared", when S > 1 subsets have a union of at most SHARED_RATIO x m_tr rows (subsets covering the data, the demo):
   the union is kept once and the S classifiers sit side by side, one wide GEMM N x D x S*k per product, with 0/1
   masks selecting each subset's rows. A wide GEMM runs several times faster per FLOP than skinny ones on a CPU.
@@ -28,11 +29,11 @@ Two layouts of the subsets' data (layout="auto" picks by size):
   forward and the backward pass. Each subset's loss CE_s depends on its own labels only, and the adjoint is linear in
   the incoming gradient g_s = dL/dCE_s, so the adjoint is run right after the subset's inner loop with g_s = 1 and
   its label gradients are scaled by g_s when autograd asks for them: nothing of the inner loop outlives its subset.
-  The products and the softmax are products.py's (oneDNN's packed kernels on a CPU).
-With bf16=True (either layout) the GEMMs of the inner loop and its adjoint read a bfloat16 copy of X and bfloat16
-roundings of w, A and the residuals, and return bfloat16 (no CPU kernel returns float32 from bfloat16 operands);
-softmax, iterates and sums stay in the input's precision. An approximation, ~2x faster inner loops at the paper's
-scale on CPUs with AVX512_BF16; bench.py reports its hypergradient error against float32.
+The products and the softmax are products.py's; `kernel` names which of its kernels runs the products (the plan's
+choice; without one, the first that runs here). With a bfloat16 kernel (--bf16, either layout) the GEMMs of the
+inner loop and its adjoint read a bfloat16 copy of X and bfloat16 roundings of w, A and the residuals, and return
+bfloat16 (no CPU kernel returns float32 from bfloat16 operands); softmax, iterates and sums stay in the input's
+precision. An approximation; bench.py reports its hypergradient error against float32.
 outer.py averages these losses over subsets and phi2 spaces for one outer iteration.
 """
 from types import SimpleNamespace
@@ -41,12 +42,10 @@ import torch
 
 from inputs import Rows
 from model import labels
-from products import gemms, softmax
+from products import default_kernel, gemms, softmax
 
-SHARED_RATIO = 1.2  # use the shared (wide-GEMM) layout when S > 1 subsets have a union of <= 1.2 x m_tr rows, i.e.
-# they nearly cover the data. Measured with products.py's kernels (2-core Zen 4, 30 steps, k=10; subset time / shared
-# time): at 1.1 x m_tr shared wins (demo S=5: 1.23; 10,000-point subsets S=2: 1.06, S=5: 1.10); from 1.25 x m_tr
-# the subset layout wins or ties (S=2 at 1.25: 0.80; demo-sized S=3 at 1.37: 0.92, S=4 at 1.72: 0.86; S=4 at 1.43: 1.01)
+SHARED_RATIO = 1.2  # layout="auto" (no plan): the shared layout when S > 1 subsets have a union of <= 1.2 x m_tr
+# rows, i.e. they nearly cover the data; a plan times both layouts instead
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this
 
 
@@ -71,16 +70,16 @@ def gathered_ops(X):  # X: (S, m, D)
         subset_sum=lambda T: T.sum((1, 2)))
 
 
-def shared_ops(X, S, k, bf16=False):  # X: (N, D)
+def shared_ops(X, S, k, kernel="blas"):  # X: (N, D)
     N, D = X.shape
-    g = gemms(X, S * k, bf16)
+    g = gemms(X, S * k, kernel)
     return SimpleNamespace(
         X=X, logits=lambda w: g.logits(w.reshape(-1, D)).view(N, S, -1),
         grad=lambda G: g.grad(G.reshape(N, -1)).view(S, -1, D),
         subset_sum=lambda T: T.sum((0, 2)))
 
 
-def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
+def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", kernel="blas"):
     """Labels and inner-problem data for S subsets. idx: (S, m) point indices, the first m_tr of each row train.
     phi2a: phi2 with its ones column, a tensor or an inputs.Rows (which prepares the rows it is asked for).
 
@@ -93,13 +92,13 @@ def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", bf16=False):
     if layout == "auto":
         layout = "shared" if S > 1 and len(rows) <= SHARED_RATIO * m_tr else "subset"
     take = phi2a.take if isinstance(phi2a, Rows) else phi2a.__getitem__
-    p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout)
+    p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout, kernel=kernel)
     if layout == "subset":
         p.take, p.idx = take, idx
         p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]  # (S, m_tr, k), (S, m_te, k)
     elif layout == "shared":
         X = take(rows)
-        p.ops_tr = p.ops_te = shared_ops(X, S, W.shape[0], bf16)
+        p.ops_tr = p.ops_te = shared_ops(X, S, W.shape[0], kernel)
         p.Y_tr = p.Y_te = Y.unsqueeze(1)  # (N, 1, k), broadcast over subsets
         cols = torch.arange(S, device=idx.device).unsqueeze(1)
         p.M_tr = torch.zeros(len(rows), S, 1, dtype=X.dtype, device=X.device)
@@ -192,28 +191,31 @@ class AdjointInner(torch.autograd.Function):
 
 # ---------------------------------------------------------------- subset layout (one subset at a time)
 
-def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
+def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, kernel):
     """One subset: inner loop, outer CE and, unless order is 0, its label gradients for an incoming gradient of 1
     (order 2: exact adjoint; order 1: first order, dCE/dY_tr = 0 returned as None).
-    X_tr (m, D), Y_tr (m, k), w0 (k, D). Returns ce (), fit (3,), dY_tr (m, k) or None, dY_te or None."""
+    X_tr (m, D), Y_tr (m, k), w0 (k, D). Returns ce (), fit (3,), dY_tr (m, k) or None, dY_te or None.
+    The loop works classes first: logits, probabilities and residuals are (k, m), as the products give and take
+    them without transposes, and the softmax runs along the m contiguous values of each class."""
     m, k = Y_tr.shape
-    ops, c = gemms(X_tr, k, bf16), lr / m
+    ops, c = gemms(X_tr, k, kernel, km=True), lr / m
+    Yt = Y_tr.T.contiguous()  # (k, m)
     keep_probs = order == 2 and steps * m * k * X_tr.element_size() <= KEEP_PROBS_BYTES
     w, probs, iterates, P0 = w0, [], [], None
     for t in range(steps):
         if order == 2 and not keep_probs:
             iterates.append(w)
-        P = softmax(ops.logits(w))  # (m, k)
+        P = softmax(ops.logits(w), 0)  # (k, m)
         P0 = P if t == 0 else P0
         if keep_probs:
             probs.append(P)
-        w = torch.add(w, ops.grad(P - Y_tr), alpha=-c)
+        w = torch.add(w, ops.grad(P - Yt), alpha=-c)
     logp_te = torch.log_softmax(X_te @ w.T, 1)
     ce = -(Y_te * logp_te).sum() / len(X_te)
-    PT = softmax(ops.logits(w))
+    PT = softmax(ops.logits(w), 0)
     P0 = PT if steps == 0 else P0
-    fit = torch.stack([-(Y_tr * torch.log(P.clamp_min(1e-30))).sum() / m for P in (P0, PT)] +
-                      [(PT.argmax(1) == Y_tr.argmax(1)).to(PT.dtype).mean()])
+    fit = torch.stack([-(Yt * torch.log(P.clamp_min(1e-30))).sum() / m for P in (P0, PT)] +
+                      [(PT.argmax(0) == Yt.argmax(0)).to(PT.dtype).mean()])
     if order == 0:
         return ce, fit, None, None
     dY_te = -logp_te / len(X_te)
@@ -227,12 +229,12 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, bf16):
             break  # A_0 = dL/dw0 is not needed: w0 does not depend on the task encoder
         if keep_probs:
             P, dZ = probs[t], ops.logits(A)
-        else:  # recompute the logits of w_t beside the direction A, in one GEMM of width 2k
+        else:  # recompute the logits of w_t beside the direction A, in one product of width 2k
             Z = ops.logits(torch.cat([iterates[t], A]))
-            P, dZ = softmax(Z[:, :k]), Z[:, k:]
-        Q = P * (dZ - (P * dZ).sum(1, keepdim=True))  # H_t A = X^T Q / m
+            P, dZ = softmax(Z[:k], 0), Z[k:]
+        Q = P * (dZ - (P * dZ).sum(0, keepdim=True))  # H_t A = Q X / m
         A = torch.add(A, ops.grad(Q), alpha=-c)
-    return ce, fit, c * ops.logits(A_sum), dY_te
+    return ce, fit, c * ops.logits(A_sum).T, dY_te
 
 
 class SubsetAdjoint(torch.autograd.Function):
@@ -240,11 +242,11 @@ class SubsetAdjoint(torch.autograd.Function):
     its label gradients scaled by the incoming gradient in the backward pass. Also returns the fit (S, 3)."""
 
     @staticmethod
-    def forward(ctx, Y_tr, Y_te, w0, p, lr, steps, order, bf16):
+    def forward(ctx, Y_tr, Y_te, w0, p, lr, steps, order):
         out = []
         for s in range(p.S):
             X = p.take(p.idx[s])  # (m, D): this subset's rows, X_tr then X_te
-            out.append(subset_adjoint(X[:p.m_tr], Y_tr[s], X[p.m_tr:], Y_te[s], w0[s], lr, steps, order, bf16))
+            out.append(subset_adjoint(X[:p.m_tr], Y_tr[s], X[p.m_tr:], Y_te[s], w0[s], lr, steps, order, p.kernel))
         ce, fit, dY_tr, dY_te = zip(*out)
         ctx.dY_tr = torch.stack(dY_tr) if order == 2 else None
         ctx.dY_te = torch.stack(dY_te) if order else None
@@ -256,7 +258,7 @@ class SubsetAdjoint(torch.autograd.Function):
     def backward(ctx, grad_ce, _grad_fit):
         g = grad_ce.view(-1, 1, 1)
         dY_tr = None if ctx.dY_tr is None else ctx.dY_tr * g
-        return dY_tr, ctx.dY_te * g, None, None, None, None, None, None
+        return dY_tr, ctx.dY_te * g, None, None, None, None, None
 
 
 def unrolled_inner(p, w0, lr, steps):
@@ -289,17 +291,19 @@ def _one_subset(p, s):
 
 
 def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="adjoint", layout="auto", *,
-                 bf16=False):
+                 kernel=None, bf16=False):
     """Eq. 7 per subset: CE of the adapted inner classifier on X_te minus H_reg x entropy of the subset's mean
     label. Returns the losses (S,), differentiable w.r.t. W, and the inner fit diagnosis (S, 3).
-    bf16: the inner GEMMs read a bfloat16 copy of X (approximate; see the docstring; not for the unrolled
-    reference)."""
-    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout, bf16 and method != "unrolled")
+    kernel: products.py's kernel for the inner products (None: the first that runs here, bfloat16 if bf16; the
+    unrolled reference always uses plain matmuls)."""
+    if method == "unrolled":  # the reference: autograd through plain matmuls
+        kernel = "blas"
+    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout, kernel or default_kernel(idx.device, bf16))
     if method not in ("adjoint", "unrolled", "first_order"):
         raise ValueError(f"unknown hypergradient method {method!r}")
     if p.layout == "subset" and method != "unrolled":
         order = 0 if not (torch.is_grad_enabled() and p.Y_tr.requires_grad) else 2 if method == "adjoint" else 1
-        ce, fit = SubsetAdjoint.apply(p.Y_tr, p.Y_te, w0, p, lr, steps, order, bf16)
+        ce, fit = SubsetAdjoint.apply(p.Y_tr, p.Y_te, w0, p, lr, steps, order)
     elif method == "adjoint":
         ce, fit = AdjointInner.apply(p.Y_tr, p.Y_te, w0, p, lr, steps)
     elif method == "unrolled":

@@ -13,12 +13,14 @@ from hypergrad import outer_losses
 
 class Objective(NamedTuple):
     """The outer loss beside the data and tau: the inner loop (one step size per phi2 space, the number of steps,
-    how it is differentiated, bf16 GEMMs or not) and the weight of the balance term."""
+    how it is differentiated, bf16 GEMMs or not, and one products.Plan per phi2 space: layout and kernel; none: the
+    size rule and the first kernel that runs) and the weight of the balance term."""
     inner_lrs: tuple
     steps: int
     H_reg: float
     method: str = "adjoint"
     bf16: bool = False
+    plans: tuple = ()
 
 
 class Batch(NamedTuple):
@@ -43,11 +45,13 @@ def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
     phi1_r = phi1.take(rows) if phi1.mapped else phi1.all()
     chunks = [slice(s, s + 1) for s in range(batch.idx.shape[0])] if obj.method == "unrolled" else [slice(None)]
     total, fits, weight = 0.0, [], 1.0 / (S * len(phi2s))
-    for phi2, w0, lr in zip(phi2s, batch.w0s, obj.inner_lrs, strict=True):
+    plans = obj.plans or [None] * len(phi2s)
+    for phi2, w0, lr, plan in zip(phi2s, batch.w0s, obj.inner_lrs, plans, strict=True):
         phi2_r = phi2.take(rows) if phi2.mapped else phi2
+        how = dict(layout=plan.layout, kernel=plan.kernel) if plan else dict(bf16=obj.bf16)
         for c in chunks:  # the unrolled reference frees each subset's graph before building the next
             losses, fit = outer_losses(phi1_r, phi2_r, W_leaf, tau, inv[c], batch.m_tr, w0[c], lr, obj.steps,
-                                       obj.H_reg, obj.method, bf16=obj.bf16)
+                                       obj.H_reg, obj.method, **how)
             (losses.sum() * weight).backward()
             total, fits = total + losses.detach().sum() * weight, fits + [fit]
     W.backward(W_leaf.grad)

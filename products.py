@@ -1,44 +1,187 @@
-"""The inner loop's fast parts: the two products with a fixed X (logits X w^T and gradients G^T X) and the softmax
-over the classes, written for the CPU kernels that run them fastest (measured on a 2-core Zen 4 with AVX-512).
+"""The inner loop's fast parts: the two products with a fixed X (logits and gradients), the softmax over the classes,
+and the planner that picks, on the machine it runs on, which kernel computes the products.
+
+Kernels (each also as NAME-bf16: the products read a bfloat16 copy of X and return bfloat16-rounded results):
+- "onednn": oneDNN's packed linear kernels (the ones torch.compile uses for linear layers on a CPU), X and X^T
+  reordered once into their packed layout and the small operand taken as the batch; CPU only, looked up in torch.
+- "blas": torch's matmul on X as given (MKL, OpenBLAS, cuBLAS: whatever torch was built with).
+- "blas_t": torch's matmul on a transposed copy of X for the logits, so they come out (k, m) contiguous.
+Speed depends on the CPU's instruction set (AVX2, AVX-512, AMX), the BLAS and the shapes, so nothing here is chosen
+from timings taken elsewhere: `plan` probes every kernel on a tiny product (one that raises or computes wrong is
+dropped: e.g. oneDNN's bfloat16 path needs AVX-512 or AVX-NE-CONVERT) and times the rest on the run's own shapes.
 """
+import functools
+import time
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
+BACKENDS = ("onednn", "blas", "blas_t")
+PLAN_SECONDS = 0.15  # timing budget per candidate and layout; a whole plan stays around a second
 
-def softmax(Z):
-    """Softmax over the last dimension (no autograd through it here). torch's CPU kernel is slow when that dimension
-    is not a multiple of the vector width: over 10 classes this exp/sum form is ~5x faster (0.13 vs 0.65 ms on
-    1,437 x 5 x 10); at 16 torch's wins. Exponents are clamped at -87: below that a float32 exp is subnormal or 0 and
-    torch's CPU exp takes a ~6x slower path (the demo's inner loops hit it); the probabilities this changes are
-    below 2e-38, against float32's resolution of 1e-7 at 1."""
-    if Z.shape[-1] % 16 == 0:
+
+def softmax(Z, dim=-1):
+    """Softmax over `dim` (no autograd through it here). Exponents are clamped at -87: below that a float32 exp is
+    subnormal or 0 and torch's CPU exp takes a several times slower path; the probabilities this changes are below
+    2e-38, against float32's resolution of 1e-7 at 1. Over a last dimension that is a multiple of 16 torch's fused
+    kernel is used (its vector width); elsewhere this exp/sum form, which torch's CPU kernel is slower than on
+    short rows."""
+    if dim in (-1, Z.dim() - 1) and Z.shape[-1] % 16 == 0:
         return torch.softmax(Z, -1)
-    e = (Z - Z.amax(-1, keepdim=True)).clamp_min_(-87.0).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+    e = (Z - Z.amax(dim, keepdim=True)).clamp_min_(-87.0).exp_()
+    return e.div_(e.sum(dim, keepdim=True))
 
 
-def gemms(X, width, bf16=False):
-    """The inner loop's two products with a fixed X (m, D): logits(w) = X w^T (m, r) for w (r, D) and
-    grad(G) = G^T X (r, D) for G (m, r), r about `width`. On a CPU (float32 or bfloat16) they run through oneDNN
-    with X and X^T reordered once into its packed layout, the small operand as the batch (the kernels torch.compile
-    uses for linear layers on a CPU; torch is pinned, and they are looked up, not assumed): on the 2-core Zen 4,
-    9,000 x 769 x 10 products take 1.4 ms against 4.3-4.8 ms for torch's default BLAS (MKL), 1,437 x 481 x 50 (the
-    demo) 0.42-0.48 vs 0.57-0.69 ms, and 14,000 x 2,049 x 1,000 270-280 vs 310-400 ms. Elsewhere, plain matmuls."""
-    dtype = torch.bfloat16 if bf16 else X.dtype
-    if X.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn():
+def gemms(X, width, kernel="blas", km=False):
+    """The inner loop's two products with a fixed X (m, D), for operands of about `width` rows:
+    km=True:  logits(w) = w X^T (r, m) for w (r, D); grad(G) = G X (r, D) for G (r, m)   (classes first)
+    km=False: logits(w) = X w^T (m, r);               grad(G) = G^T X (r, D) for G (m, r)
+    Results are in X's dtype. `kernel` is one of `kernels()`; see the module docstring."""
+    backend, _, low = kernel.partition("-")
+    dtype = torch.bfloat16 if low == "bf16" else X.dtype
+    if backend == "onednn" and dtype not in (torch.float32, torch.bfloat16):
+        backend = "blas"  # oneDNN's packed kernels take float32 and bfloat16 only (float64 tests, references)
+    cast = (lambda T: T.to(X.dtype)) if dtype != X.dtype else (lambda T: T)
+    Xg = X.to(dtype)
+    if backend == "onednn":
         lin = torch.ops.mkldnn._linear_pointwise
-        Xp = torch.ops.mkldnn._reorder_linear_weight(X.to(dtype), width)
-        Xtp = torch.ops.mkldnn._reorder_linear_weight(X.T.contiguous().to(dtype), width)
-        return SimpleNamespace(
-            logits=lambda w: lin(w.to(dtype).contiguous(), Xp, None, "none", [], "").T.contiguous().to(X.dtype),
-            grad=lambda G: lin(G.T.to(dtype).contiguous(), Xtp, None, "none", [], "").to(X.dtype))
-    Xg, Xt = X.to(dtype), X.T.contiguous().to(dtype)
-    return SimpleNamespace(logits=lambda w: (Xg @ w.to(dtype).T).to(X.dtype),
-                           grad=lambda G: (Xt @ G.to(dtype)).T.to(X.dtype))
+        Xp = torch.ops.mkldnn._reorder_linear_weight(Xg, width)
+        Xtp = torch.ops.mkldnn._reorder_linear_weight(Xg.T.contiguous(), width)
+        logits_km = lambda w: lin(w.to(dtype).contiguous(), Xp, None, "none", [], "")
+        grad_km = lambda G: lin(G.to(dtype).contiguous(), Xtp, None, "none", [], "")
+    elif backend == "blas":
+        logits_km = lambda w: (Xg @ w.to(dtype).T).T
+        grad_km = lambda G: G.to(dtype) @ Xg
+    elif backend == "blas_t":
+        Xt = Xg.T.contiguous()
+        logits_km = lambda w: w.to(dtype) @ Xt
+        grad_km = lambda G: G.to(dtype) @ Xg
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {kernels()}")
+    if km:
+        return SimpleNamespace(logits=lambda w: cast(logits_km(w)), grad=lambda G: cast(grad_km(G)))
+    return SimpleNamespace(logits=lambda w: cast(logits_km(w).T.contiguous()), grad=lambda G: cast(grad_km(G.T)))
 
 
-def _onednn():
-    """oneDNN's packed linear kernels are there (torch built with it, not switched off by torch.backends.mkldnn)."""
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+def kernels():
+    """Every kernel name, float32 ones first."""
+    return BACKENDS + tuple(f"{b}-bf16" for b in BACKENDS)
+
+
+@functools.cache
+def _probe(kernel, device, onednn_enabled):
+    """None if the kernel computes a tiny product right on this device, else why not (one line)."""
+    if kernel.startswith("onednn") and not (device == "cpu" and onednn_enabled and torch.backends.mkldnn.is_available()
+                                            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return "oneDNN's packed kernels are not available (CPU only; torch.backends.mkldnn)"
+    g = torch.Generator().manual_seed(0)
+    X, w, G = (torch.randn(*s, generator=g).to(device) for s in ((37, 9), (3, 9), (3, 37)))
+    r = (lambda T: T.bfloat16().double()) if kernel.endswith("bf16") else (lambda T: T.double())
+    try:
+        ops = gemms(X, 3, kernel, km=True)
+        pairs = ((ops.logits(w), r(w) @ r(X).T), (ops.grad(G), r(G) @ r(X)))
+        bad = [got for got, ref in pairs if not got.shape == ref.shape or
+               not ((got.double() - ref).norm() / ref.norm()).item() <= (2e-2 if kernel.endswith("bf16") else 1e-5)]
+    except (RuntimeError, NotImplementedError) as e:
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return "wrong results on a test product" if bad else None
+
+
+def probe(kernel, device="cpu"):
+    """None if `kernel` runs and computes right here (cached per process), else the reason it cannot be used."""
+    return _probe(kernel, torch.device(device).type, torch.backends.mkldnn.enabled)
+
+
+def default_kernel(device="cpu", bf16=False):
+    """The first kernel that runs here, without timing (library calls that bring no plan)."""
+    return next(k for k in kernels() if k.endswith("bf16") == bf16 and probe(k, device) is None)
+
+
+def _step(kernel, N, D, width, km, device, masks=1):
+    """One inner step's products and softmax (logits, softmax, gradient) on random data of the run's shape."""
+    g = torch.Generator(device=device).manual_seed(0)
+    X = torch.randn(N, D, device=device, generator=g)
+    w = torch.randn(width, D, device=device, generator=g) * (0.1 / D ** 0.5)
+    ops = gemms(X, width, kernel, km)
+    sync = torch.cuda.synchronize if X.is_cuda else (lambda: None)
+    if km:
+        Y = softmax(torch.randn(width, N, device=device, generator=g), 0)
+        return lambda: (ops.grad(softmax(ops.logits(w), 0) - Y), sync())
+    # the shared layout: (N, S, k) logits, 0/1 masks selecting each subset's rows
+    Y = softmax(torch.randn(N, 1, width // masks, device=device, generator=g), -1)
+    M = (torch.rand(N, masks, 1, device=device, generator=g) < 0.8).to(X.dtype)
+    return lambda: (ops.grad(((softmax(ops.logits(w).view(N, masks, -1)) - Y) * M).view(N, -1)), sync())
+
+
+def _timings(names, make, budget):
+    """Milliseconds per step of each candidate: the best of short rounds taken in turn, candidate after candidate,
+    so that a burst of load elsewhere on the machine hits them alike, about `budget` seconds each. A candidate whose
+    first step is 5x slower than the best first step is not timed further (a kernel without hardware support can be
+    100x slower; no need to watch it)."""
+    steps, first = {}, {}
+    for kn in names:
+        steps[kn] = make(kn)
+        steps[kn]()  # warm-up: packing, allocations
+        t0 = time.perf_counter()
+        steps[kn]()
+        first[kn] = (time.perf_counter() - t0) * 1e3
+    best = dict(first)
+    timed = [kn for kn in names if first[kn] <= 5 * min(first.values())]
+    spent = 0.0
+    while spent < budget * len(timed):
+        for kn in timed:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                steps[kn]()
+            dt = time.perf_counter() - t0
+            best[kn], spent = min(best[kn], dt / 3 * 1e3), spent + dt
+    return best
+
+
+class Plan(NamedTuple):
+    """How the inner loops run: the subsets' layout (hypergrad.py), the products' kernel, and what was measured
+    (milliseconds per inner step for every candidate that ran, and why the others could not)."""
+    layout: str
+    kernel: str
+    timings: dict
+    unavailable: dict
+
+    def summary(self):
+        best = self.timings[self.layout][self.kernel]
+        return f"{self.kernel} kernel, {self.layout} layout ({best:.2f} ms per inner step)"
+
+
+def plan(n, m, m_tr, D, k, S, device="cpu", bf16=False, only=None, budget=PLAN_SECONDS):
+    """Time the candidate kernels for one inner step on the run's shapes (S subsets of m of n points, m_tr of them
+    X_tr, D columns with the ones column, k classes), in both layouts where the shared one can pay (S > 1 subsets
+    whose expected union is at most twice m_tr rows), and keep the fastest.
+    bf16: the bfloat16 kernels are the candidates (the float32 ones are timed too, for the warning in `advice`).
+    only: the kernel names allowed (a pinned kernel: then only the layout is chosen)."""
+    device = torch.device(device).type
+    n_union = round(n * (1 - (1 - m / n) ** S))  # expected rows in the union of S random subsets
+    allowed = [kn for kn in (only or kernels()) if bf16 or not kn.endswith("bf16")]
+    names = [kn for kn in allowed if probe(kn, device) is None]
+    unavailable = {kn: probe(kn, device) for kn in allowed if probe(kn, device) is not None}
+    if not any(kn.endswith("bf16") == bf16 for kn in names):
+        raise RuntimeError(f"no {'bfloat16' if bf16 else 'float32'} kernel runs here: {unavailable}")
+    timings = {"subset": _timings(names, lambda kn: _step(kn, m_tr, D, k, True, device), budget)}
+    if S > 1 and n_union <= 2 * m_tr:
+        timings["shared"] = _timings(names, lambda kn: _step(kn, n_union, D, S * k, False, device, S), budget)
+    per_iteration = {(lay, kn): t * (S if lay == "subset" else 1)
+                     for lay in timings for kn, t in timings[lay].items() if kn.endswith("bf16") == bf16}
+    layout, kernel = min(per_iteration, key=per_iteration.get)
+    return Plan(layout, kernel, timings, unavailable)
+
+
+def advice(p):
+    """A warning when the plan's bfloat16 kernel is slower than float32 would be here (no bfloat16 kernel on this
+    CPU: --bf16 then costs accuracy and time), else None."""
+    if not p.kernel.endswith("bf16"):
+        return None
+    fp32 = [t for kn, t in p.timings[p.layout].items() if not kn.endswith("bf16")]
+    if fp32 and min(fp32) < p.timings[p.layout][p.kernel]:
+        why = f" ({p.unavailable['onednn-bf16']})" if "onednn-bf16" in p.unavailable else ""
+        return (f"--bf16 is slower than float32 on this machine: {p.timings[p.layout][p.kernel]:.2f} vs "
+                f"{min(fp32):.2f} ms per inner step with the fastest bfloat16 kernel, {p.kernel}{why}; drop --bf16")
+    return None

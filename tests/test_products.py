@@ -1,0 +1,131 @@
+"""products.py: every kernel against float64 products, the probe and its fallbacks (torch's oneDNN switch, oneDNN's
+documented ISA limit in a child process), the planner's choice, and the hypergradient through every kernel."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+import hypergrad
+import model
+import products
+from helpers import FAST, REPO, child_env, command, describe
+
+KM = [True, False]
+
+
+@pytest.mark.parametrize("km", KM)
+@pytest.mark.parametrize("width", [1, 3, 10, 21, 40])
+@pytest.mark.parametrize("kernel", products.kernels())
+def test_every_kernel_that_runs_matches_float64_products(kernel, width, km):
+    """Both products in both orientations against float64 matmuls of the same float32 operands (for bf16 kernels:
+    of their bfloat16 roundings). A kernel the probe turns down must be one of oneDNN's (plain matmuls always run)
+    and must raise or compute wrong when forced, which is what the probe saw."""
+    g = torch.Generator().manual_seed(width)
+    X, w, G = (torch.randn(*s, generator=g) for s in ((300, 70), (width, 70), (width, 300)))
+    reason = products.probe(kernel)
+    if reason is not None:
+        assert kernel.startswith("onednn"), reason
+        return
+    bf16 = kernel.endswith("bf16")
+    r = (lambda T: T.bfloat16().double()) if bf16 else (lambda T: T.double())
+    ops = products.gemms(X, width, kernel, km)
+    if km:
+        pairs = ((ops.logits(w), r(w) @ r(X).T), (ops.grad(G), r(G) @ r(X)))
+    else:
+        pairs = ((ops.logits(w), r(X) @ r(w).T), (ops.grad(G.T.contiguous()), r(G) @ r(X)))
+    tol = 1e-2 if bf16 else 1e-6  # bf16: the products' outputs are rounded to bfloat16
+    for got, ref in pairs:
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert ((got.double() - ref).norm() / ref.norm()).item() <= tol
+
+
+def test_softmax_along_either_dimension_matches_torch():
+    Z = torch.randn(7, 300, dtype=torch.float64) * 30  # large logits: the clamp at -87 is exercised
+    for dim in (0, 1, -1):
+        assert torch.allclose(products.softmax(Z.clone(), dim), torch.softmax(Z, dim), atol=1e-30, rtol=1e-12)
+    Z16 = torch.randn(5, 32)
+    assert torch.allclose(products.softmax(Z16, -1), torch.softmax(Z16, -1))
+
+
+def test_oneDNN_switched_off_falls_back_to_plain_matmuls(monkeypatch):
+    """torch.backends.mkldnn.enabled = False (torch's own switch): the probe turns oneDNN down with a reason, no
+    kernel it turned down is planned, and the default kernel is a plain matmul."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    for kn in ("onednn", "onednn-bf16"):
+        assert products.probe(kn) is not None
+    assert products.default_kernel() == "blas" and products.default_kernel(bf16=True) == "blas-bf16"
+    p = products.plan(500, 250, 200, 31, 4, 3, budget=0.01)
+    assert p.kernel in ("blas", "blas_t") and set(p.unavailable) == {"onednn"}
+    p16 = products.plan(500, 250, 200, 31, 4, 3, bf16=True, budget=0.01)
+    assert p16.kernel in ("blas-bf16", "blas_t-bf16") and "onednn-bf16" in p16.unavailable
+
+
+def test_plan_takes_the_fastest_per_outer_iteration(monkeypatch):
+    """The choice against a brute-force minimum over (layout, kernel) of the time per outer iteration: S inner steps
+    in the subset layout, one in the shared layout. Timings are made up (keyed by orientation: classes-first is the
+    subset layout); only the rule is tested."""
+    fake = {True: {"onednn": 1.0, "blas": 2.0, "blas_t": 0.9}, False: {"onednn": 4.0, "blas": 2.5, "blas_t": 3.0}}
+    monkeypatch.setattr(products, "_step", lambda kn, N, D, width, km, device, masks=1: km)
+    monkeypatch.setattr(products, "_timings", lambda names, make, budget: {kn: fake[make(kn)][kn] for kn in names})
+    names = [kn for kn in ("onednn", "blas", "blas_t") if products.probe(kn) is None]
+    for S, want in ((2, ("subset", "blas_t")), (3, ("shared", "blas")), (10, ("shared", "blas"))):
+        p = products.plan(150, 120, 100, 8, 3, S)
+        per_iter = {**{("subset", kn): fake[True][kn] * S for kn in names},
+                    **{("shared", kn): fake[False][kn] for kn in names}}
+        assert (p.layout, p.kernel) == min(per_iter, key=per_iter.get) == want
+    p = products.plan(10**6, 120, 100, 8, 3, 4)  # a union of over twice a subset's rows: no shared layout
+    assert (p.layout, p.kernel) == ("subset", "blas_t") and "shared" not in p.timings
+
+
+@pytest.mark.parametrize("layout", ["shared", "subset"])
+def test_hypergradient_through_every_float32_kernel_matches_float64(layout):
+    """The float32 outer loss and its gradient through each kernel that runs here, against the float64 unrolled
+    reference (autograd through plain matmuls) on the same subsets."""
+    g = torch.Generator().manual_seed(0)
+    n, d1, d2, k, S, m, m_tr = 120, 6, 9, 4, 3, 60, 50
+    phi1 = torch.nn.functional.normalize(torch.randn(n, d1, generator=g, dtype=torch.float64), dim=1)
+    phi2a = torch.cat([torch.randn(n, d2, generator=g, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
+    W = model.make_task_encoder(d1, k).double().weight.detach()
+    idx = model.sample_subsets(g, n, S, m)
+    w0 = model.init_inner(g, S, k, d2, torch.float64)
+    args = (0.3, idx, m_tr, None, 0.2, 8, 1.0)
+
+    def loss_and_grad(dtype, method, kernel=None):
+        Wd = W.to(dtype).requires_grad_(True)
+        losses, _ = hypergrad.outer_losses(phi1.to(dtype), phi2a.to(dtype), Wd, 0.3, idx, m_tr, w0.to(dtype), 0.2, 8,
+                                           1.0, method, layout, kernel=kernel)
+        return losses.sum().item(), torch.autograd.grad(losses.sum(), Wd)[0].double()
+    loss_ref, grad_ref = loss_and_grad(torch.float64, "unrolled")
+    ran = [kn for kn in products.kernels() if not kn.endswith("bf16") and products.probe(kn) is None]
+    assert "blas" in ran and "blas_t" in ran
+    for kn in ran:
+        loss, grad = loss_and_grad(torch.float32, "adjoint", kn)
+        assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref), kn
+        assert ((grad - grad_ref).norm() / grad_ref.norm()).item() <= 1e-4, kn
+
+
+def isa_limited_run(tmp_path, *flags):
+    """hume.py on the demo with oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA, oneDNN's documented setting): its
+    bfloat16 path then refuses to run, as on a CPU without AVX-512, whatever this machine has."""
+    env = dict(child_env(), ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = tmp_path / "run"
+    p = subprocess.run(command("hume.py", FAST + ["--exp_path", out, "--eval_every", "1", *flags]), cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    return p, out
+
+
+def test_bf16_without_a_oneDNN_bf16_kernel_runs_on_plain_bf16_matmuls(tmp_path):
+    p, out = isa_limited_run(tmp_path, "--bf16")
+    assert p.returncode == 0, describe(p)
+    plan = json.loads((out / "metrics_42.jsonl").read_text().splitlines()[0])["plan"]["spaces"][0]
+    assert "onednn-bf16" in plan["unavailable"] and plan["kernel"] in ("blas-bf16", "blas_t-bf16")
+    assert os.path.isfile(out / "linear_task_42.pt")
+
+
+def test_pinned_kernel_that_cannot_run_is_refused_before_anything_is_written(tmp_path):
+    p, out = isa_limited_run(tmp_path, "--bf16", "--kernel", "onednn-bf16")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, describe(p)
+    assert p.stderr.strip().startswith("error: --kernel onednn-bf16 cannot run here") and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()
