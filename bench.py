@@ -232,7 +232,8 @@ def main():
                 rows.append(row)
                 vs = "" if not ref else f"{row['speedup_vs_unrolled']:.2f}x"
                 err = "" if r["bf16_error"] is None else f"{r['bf16_error']:.1e}"
-                how = f"{r['plan']['kernel']}, {r['plan']['layout']}" if r["plan"] else "plain matmuls"
+                how = "plain matmuls" if not r["plan"] else f"{r['plan']['kernel']}, {r['plan']['layout']}" + \
+                    (f" x{r['plan']['workers']}" if r["plan"]["workers"] > 1 else "")
                 print(f"{scale:9} {method:12} {how:22} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} "
                       f"{r['peak_mib']:9.1f} {per_step:8.2f} {vs:>12} {row['fraction_of_peak']:8.1%} "
                       f"{row['x_gb_per_s']:7.1f} {r['allreduce_share']:9.1%} {err:>8}", flush=True)

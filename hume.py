@@ -136,7 +136,7 @@ def plan_kernels(cfg, data, n, m, m_tr, world):
     if cfg.method == "unrolled":
         return []
     S = cfg.num_subsets if world is None else len(range(cfg.num_subsets)[distributed.share(world, cfg.num_subsets)])
-    only = None if cfg.kernel == "auto" else (cfg.kernel,)
+    only = None if cfg.kernel == "auto" else cfg.kernel
     plans = [products.plan(n, m, m_tr, p.shape[1] + 1, cfg.k, S, cfg.device, cfg.bf16, only) for p in data.phi2]
     for p in plans:
         log(f"inner products: {p.summary()}", cfg.quiet)
@@ -149,8 +149,8 @@ def plan_record(plans):
     """The plans as logged: the CPU's instruction set as torch sees it, and per phi2 space the choice, the
     milliseconds per inner step of every candidate and why the others could not run."""
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "spaces": [{"layout": p.layout, "kernel": p.kernel, "ms_per_step": p.timings,
-                        "unavailable": p.unavailable} for p in plans]}
+            "spaces": [{"layout": p.layout, "kernel": p.kernel, "subsets_at_once": p.workers,
+                        "ms_per_step": p.timings, "unavailable": p.unavailable} for p in plans]}
 
 
 def inner_lrs(steps):

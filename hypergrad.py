@@ -42,7 +42,7 @@ import torch
 
 from inputs import Rows
 from model import labels
-from products import default_kernel, gemms, softmax
+from products import default_kernel, gemms, run_concurrently, softmax
 
 SHARED_RATIO = 1.2  # layout="auto" (no plan): the shared layout when S > 1 subsets have a union of <= 1.2 x m_tr
 # rows, i.e. they nearly cover the data; a plan times both layouts instead
@@ -79,7 +79,7 @@ def shared_ops(X, S, k, kernel="blas"):  # X: (N, D)
         subset_sum=lambda T: T.sum((0, 2)))
 
 
-def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", kernel="blas"):
+def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", kernel="blas", workers=1):
     """Labels and inner-problem data for S subsets. idx: (S, m) point indices, the first m_tr of each row train.
     phi2a: phi2 with its ones column, a tensor or an inputs.Rows (which prepares the rows it is asked for).
 
@@ -92,7 +92,8 @@ def make_problem(phi1, phi2a, W, tau, idx, m_tr, layout="auto", kernel="blas"):
     if layout == "auto":
         layout = "shared" if S > 1 and len(rows) <= SHARED_RATIO * m_tr else "subset"
     take = phi2a.take if isinstance(phi2a, Rows) else phi2a.__getitem__
-    p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout, kernel=kernel)
+    p = SimpleNamespace(S=S, m_tr=m_tr, m_te=m - m_tr, Y_rows=Y, inv=inv, layout=layout, kernel=kernel,
+                        workers=workers)
     if layout == "subset":
         p.take, p.idx = take, idx
         p.Y_tr, p.Y_te = Y[inv[:, :m_tr]], Y[inv[:, m_tr:]]  # (S, m_tr, k), (S, m_te, k)
@@ -191,16 +192,17 @@ class AdjointInner(torch.autograd.Function):
 
 # ---------------------------------------------------------------- subset layout (one subset at a time)
 
-def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, kernel):
+def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, kernel, workers=1):
     """One subset: inner loop, outer CE and, unless order is 0, its label gradients for an incoming gradient of 1
     (order 2: exact adjoint; order 1: first order, dCE/dY_tr = 0 returned as None).
     X_tr (m, D), Y_tr (m, k), w0 (k, D). Returns ce (), fit (3,), dY_tr (m, k) or None, dY_te or None.
     The loop works classes first: logits, probabilities and residuals are (k, m), as the products give and take
-    them without transposes, and the softmax runs along the m contiguous values of each class."""
+    them without transposes, and the softmax runs along the m contiguous values of each class. workers: how many
+    subsets run at once, sharing KEEP_PROBS_BYTES."""
     m, k = Y_tr.shape
     ops, c = gemms(X_tr, k, kernel, km=True), lr / m
     Yt = Y_tr.T.contiguous()  # (k, m)
-    keep_probs = order == 2 and steps * m * k * X_tr.element_size() <= KEEP_PROBS_BYTES
+    keep_probs = order == 2 and workers * steps * m * k * X_tr.element_size() <= KEEP_PROBS_BYTES
     w, probs, iterates, P0 = w0, [], [], None
     for t in range(steps):
         if order == 2 and not keep_probs:
@@ -243,10 +245,11 @@ class SubsetAdjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Y_tr, Y_te, w0, p, lr, steps, order):
-        out = []
-        for s in range(p.S):
+        def one(s):
             X = p.take(p.idx[s])  # (m, D): this subset's rows, X_tr then X_te
-            out.append(subset_adjoint(X[:p.m_tr], Y_tr[s], X[p.m_tr:], Y_te[s], w0[s], lr, steps, order, p.kernel))
+            return subset_adjoint(X[:p.m_tr], Y_tr[s], X[p.m_tr:], Y_te[s], w0[s], lr, steps, order, p.kernel,
+                                  p.workers)
+        out = run_concurrently([lambda s=s: one(s) for s in range(p.S)], p.workers)
         ce, fit, dY_tr, dY_te = zip(*out)
         ctx.dY_tr = torch.stack(dY_tr) if order == 2 else None
         ctx.dY_te = torch.stack(dY_te) if order else None
@@ -291,14 +294,14 @@ def _one_subset(p, s):
 
 
 def outer_losses(phi1, phi2a, W, tau, idx, m_tr, w0, lr, steps, H_reg, method="adjoint", layout="auto", *,
-                 kernel=None, bf16=False):
+                 kernel=None, bf16=False, workers=1):
     """Eq. 7 per subset: CE of the adapted inner classifier on X_te minus H_reg x entropy of the subset's mean
     label. Returns the losses (S,), differentiable w.r.t. W, and the inner fit diagnosis (S, 3).
     kernel: products.py's kernel for the inner products (None: the first that runs here, bfloat16 if bf16; the
-    unrolled reference always uses plain matmuls)."""
+    unrolled reference always uses plain matmuls). workers: subsets run at once in the subset layout."""
     if method == "unrolled":  # the reference: autograd through plain matmuls
         kernel = "blas"
-    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout, kernel or default_kernel(idx.device, bf16))
+    p = make_problem(phi1, phi2a, W, tau, idx, m_tr, layout, kernel or default_kernel(idx.device, bf16), workers)
     if method not in ("adjoint", "unrolled", "first_order"):
         raise ValueError(f"unknown hypergradient method {method!r}")
     if p.layout == "subset" and method != "unrolled":

@@ -48,7 +48,7 @@ def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
     plans = obj.plans or [None] * len(phi2s)
     for phi2, w0, lr, plan in zip(phi2s, batch.w0s, obj.inner_lrs, plans, strict=True):
         phi2_r = phi2.take(rows) if phi2.mapped else phi2
-        how = dict(layout=plan.layout, kernel=plan.kernel) if plan else dict(bf16=obj.bf16)
+        how = dict(layout=plan.layout, kernel=plan.kernel, workers=plan.workers) if plan else dict(bf16=obj.bf16)
         for c in chunks:  # the unrolled reference frees each subset's graph before building the next
             losses, fit = outer_losses(phi1_r, phi2_r, W_leaf, tau, inv[c], batch.m_tr, w0[c], lr, obj.steps,
                                        obj.H_reg, obj.method, **how)

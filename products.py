@@ -12,6 +12,7 @@ dropped: e.g. oneDNN's bfloat16 path needs AVX-512 or AVX-NE-CONVERT) and times 
 """
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -139,39 +140,78 @@ def _timings(names, make, budget):
     return best
 
 
+def run_concurrently(tasks, workers):
+    """Call each of tasks (no arguments) and return their results in order: one after another when workers is 1,
+    else on `workers` threads at once, each with one thread for torch's own parallelism (the subsets of an outer
+    iteration are independent; on some CPUs several one-thread products outrun one product split over the cores)."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [t() for t in tasks]
+
+    def alone(task):
+        torch.set_num_threads(1)  # this thread's OpenMP pool and oneDNN's: one thread
+        return task()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # BLAS libraries with one global setting
+    try:
+        with ThreadPoolExecutor(min(workers, len(tasks))) as pool:
+            return list(pool.map(alone, tasks))
+    finally:
+        torch.set_num_threads(n)
+
+
+def _together(steps, reps):
+    """One call runs `reps` steps of each of `steps` at once, as run_concurrently runs subsets."""
+    return lambda: run_concurrently([lambda s=s: [s() for _ in range(reps)] for s in steps], len(steps))
+
+
 class Plan(NamedTuple):
-    """How the inner loops run: the subsets' layout (hypergrad.py), the products' kernel, and what was measured
-    (milliseconds per inner step for every candidate that ran, and why the others could not)."""
+    """How the inner loops run: the subsets' layout (hypergrad.py), the products' kernel, how many subsets run at
+    once, and what was measured (milliseconds per inner step of every candidate that ran, by layout, and why the
+    others could not run). A pinned kernel is not timed: layout "auto" (hypergrad's size rule), one subset at a time."""
     layout: str
     kernel: str
     timings: dict
     unavailable: dict
+    workers: int = 1
 
     def summary(self):
-        best = self.timings[self.layout][self.kernel]
-        return f"{self.kernel} kernel, {self.layout} layout ({best:.2f} ms per inner step)"
+        if not self.timings:
+            return f"{self.kernel} kernel (pinned), one subset at a time"
+        key = f"subset x{self.workers}" if self.workers > 1 else self.layout
+        at_once = f", {self.workers} subsets at a time" if self.workers > 1 else ""
+        ms = self.timings[key][self.kernel]
+        return f"{self.kernel} kernel, {self.layout} layout{at_once} ({ms:.2f} ms per inner step)"
 
 
 def plan(n, m, m_tr, D, k, S, device="cpu", bf16=False, only=None, budget=PLAN_SECONDS):
     """Time the candidate kernels for one inner step on the run's shapes (S subsets of m of n points, m_tr of them
-    X_tr, D columns with the ones column, k classes), in both layouts where the shared one can pay (S > 1 subsets
-    whose expected union is at most twice m_tr rows), and keep the fastest.
+    X_tr, D columns with the ones column, k classes) and keep the fastest per outer iteration, among: the subset
+    layout with one subset at a time, or (CPU, S > 1) as many at a time as torch has threads, one thread each; and
+    the shared layout where it can pay (S > 1 subsets whose expected union is at most twice m_tr rows).
     bf16: the bfloat16 kernels are the candidates (the float32 ones are timed too, for the warning in `advice`).
-    only: the kernel names allowed (a pinned kernel: then only the layout is chosen)."""
+    only: a kernel pinned by name (no timing; see Plan)."""
     device = torch.device(device).type
+    if only:
+        if probe(only, device):
+            raise RuntimeError(f"kernel {only} cannot run here: {probe(only, device)}")
+        return Plan("auto", only, {}, {})
     n_union = round(n * (1 - (1 - m / n) ** S))  # expected rows in the union of S random subsets
-    allowed = [kn for kn in (only or kernels()) if bf16 or not kn.endswith("bf16")]
+    allowed = [kn for kn in kernels() if bf16 or not kn.endswith("bf16")]
     names = [kn for kn in allowed if probe(kn, device) is None]
     unavailable = {kn: probe(kn, device) for kn in allowed if probe(kn, device) is not None}
-    if not any(kn.endswith("bf16") == bf16 for kn in names):
-        raise RuntimeError(f"no {'bfloat16' if bf16 else 'float32'} kernel runs here: {unavailable}")
     timings = {"subset": _timings(names, lambda kn: _step(kn, m_tr, D, k, True, device), budget)}
+    W = min(torch.get_num_threads(), S) if device == "cpu" else 1
+    if W > 1:
+        reps = 4
+        t = _timings(names, lambda kn: _together([_step(kn, m_tr, D, k, True, device) for _ in range(W)], reps),
+                     budget)
+        timings[f"subset x{W}"] = {kn: ms / (W * reps) for kn, ms in t.items()}
     if S > 1 and n_union <= 2 * m_tr:
         timings["shared"] = _timings(names, lambda kn: _step(kn, n_union, D, S * k, False, device, S), budget)
-    per_iteration = {(lay, kn): t * (S if lay == "subset" else 1)
-                     for lay in timings for kn, t in timings[lay].items() if kn.endswith("bf16") == bf16}
-    layout, kernel = min(per_iteration, key=per_iteration.get)
-    return Plan(layout, kernel, timings, unavailable)
+    per_iteration = {(key, kn): t * (1 if key == "shared" else S)
+                     for key in timings for kn, t in timings[key].items() if kn.endswith("bf16") == bf16}
+    key, kernel = min(per_iteration, key=per_iteration.get)
+    return Plan(key.split()[0], kernel, timings, unavailable, W if key.startswith("subset x") else 1)
 
 
 def advice(p):
@@ -179,9 +219,12 @@ def advice(p):
     CPU: --bf16 then costs accuracy and time), else None."""
     if not p.kernel.endswith("bf16"):
         return None
-    fp32 = [t for kn, t in p.timings[p.layout].items() if not kn.endswith("bf16")]
-    if fp32 and min(fp32) < p.timings[p.layout][p.kernel]:
+    if not p.timings:
+        return None
+    key = f"subset x{p.workers}" if p.workers > 1 else p.layout
+    fp32 = [t for kn, t in p.timings[key].items() if not kn.endswith("bf16")]
+    if fp32 and min(fp32) < p.timings[key][p.kernel]:
         why = f" ({p.unavailable['onednn-bf16']})" if "onednn-bf16" in p.unavailable else ""
-        return (f"--bf16 is slower than float32 on this machine: {p.timings[p.layout][p.kernel]:.2f} vs "
+        return (f"--bf16 is slower than float32 on this machine: {p.timings[key][p.kernel]:.2f} vs "
                 f"{min(fp32):.2f} ms per inner step with the fastest bfloat16 kernel, {p.kernel}{why}; drop --bf16")
     return None

@@ -63,20 +63,39 @@ def test_oneDNN_switched_off_falls_back_to_plain_matmuls(monkeypatch):
 
 
 def test_plan_takes_the_fastest_per_outer_iteration(monkeypatch):
-    """The choice against a brute-force minimum over (layout, kernel) of the time per outer iteration: S inner steps
-    in the subset layout, one in the shared layout. Timings are made up (keyed by orientation: classes-first is the
-    subset layout); only the rule is tested."""
-    fake = {True: {"onednn": 1.0, "blas": 2.0, "blas_t": 0.9}, False: {"onednn": 4.0, "blas": 2.5, "blas_t": 3.0}}
+    """The choice against a brute-force minimum over the candidates of the time per outer iteration: S inner steps
+    in the subset layout (one subset at a time, or two at once on one thread each), one in the shared layout.
+    Timings are made up, keyed by what is timed; only the rule is tested."""
+    fake = {True: {"onednn": 1.0, "blas": 2.0, "blas_t": 0.9},          # subset layout (classes first)
+            "x2": {"onednn": 8 * 0.8, "blas": 8 * 3.0, "blas_t": 8 * 1.1},  # 2 subsets x 4 steps per call
+            False: {"onednn": 4.0, "blas": 2.5, "blas_t": 3.0}}          # shared layout
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(products, "_step", lambda kn, N, D, width, km, device, masks=1: km)
+    monkeypatch.setattr(products, "_together", lambda steps, reps: "x2")
     monkeypatch.setattr(products, "_timings", lambda names, make, budget: {kn: fake[make(kn)][kn] for kn in names})
     names = [kn for kn in ("onednn", "blas", "blas_t") if products.probe(kn) is None]
-    for S, want in ((2, ("subset", "blas_t")), (3, ("shared", "blas")), (10, ("shared", "blas"))):
+    wants = {True: ("subset", "onednn", 2), False: ("subset", "blas_t", 1)}  # with or without oneDNN here
+    for S, want in ((2, wants["onednn" in names]), (4, ("shared", "blas", 1)), (10, ("shared", "blas", 1))):
         p = products.plan(150, 120, 100, 8, 3, S)
-        per_iter = {**{("subset", kn): fake[True][kn] * S for kn in names},
-                    **{("shared", kn): fake[False][kn] for kn in names}}
-        assert (p.layout, p.kernel) == min(per_iter, key=per_iter.get) == want
+        per_iter = {**{("subset", kn, 1): fake[True][kn] * S for kn in names},
+                    **{("subset", kn, 2): fake["x2"][kn] / 8 * S for kn in names},
+                    **{("shared", kn, 1): fake[False][kn] for kn in names}}
+        assert (p.layout, p.kernel, p.workers) == min(per_iter, key=per_iter.get) == want
     p = products.plan(10**6, 120, 100, 8, 3, 4)  # a union of over twice a subset's rows: no shared layout
-    assert (p.layout, p.kernel) == ("subset", "blas_t") and "shared" not in p.timings
+    assert "shared" not in p.timings and p.layout == "subset"
+
+
+def test_a_pinned_kernel_is_not_timed(monkeypatch):
+    monkeypatch.setattr(products, "_timings", lambda *a: pytest.fail("a pinned kernel must not be timed"))
+    p = products.plan(150, 120, 100, 8, 3, 4, only="blas_t")
+    assert (p.layout, p.kernel, p.workers, p.timings) == ("auto", "blas_t", 1, {})
+
+
+def test_run_concurrently_returns_every_result_in_order_and_restores_the_threads():
+    n = torch.get_num_threads()
+    out = products.run_concurrently([lambda i=i: (i, torch.get_num_threads()) for i in range(7)], 3)
+    assert out == [(i, 1) for i in range(7)] and torch.get_num_threads() == n
+    assert products.run_concurrently([lambda: 5], 3) == [5]
 
 
 @pytest.mark.parametrize("layout", ["shared", "subset"])
@@ -90,20 +109,20 @@ def test_hypergradient_through_every_float32_kernel_matches_float64(layout):
     W = model.make_task_encoder(d1, k).double().weight.detach()
     idx = model.sample_subsets(g, n, S, m)
     w0 = model.init_inner(g, S, k, d2, torch.float64)
-    args = (0.3, idx, m_tr, None, 0.2, 8, 1.0)
 
-    def loss_and_grad(dtype, method, kernel=None):
+    def loss_and_grad(dtype, method, kernel=None, workers=1):
         Wd = W.to(dtype).requires_grad_(True)
         losses, _ = hypergrad.outer_losses(phi1.to(dtype), phi2a.to(dtype), Wd, 0.3, idx, m_tr, w0.to(dtype), 0.2, 8,
-                                           1.0, method, layout, kernel=kernel)
+                                           1.0, method, layout, kernel=kernel, workers=workers)
         return losses.sum().item(), torch.autograd.grad(losses.sum(), Wd)[0].double()
     loss_ref, grad_ref = loss_and_grad(torch.float64, "unrolled")
     ran = [kn for kn in products.kernels() if not kn.endswith("bf16") and products.probe(kn) is None]
     assert "blas" in ran and "blas_t" in ran
     for kn in ran:
-        loss, grad = loss_and_grad(torch.float32, "adjoint", kn)
-        assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref), kn
-        assert ((grad - grad_ref).norm() / grad_ref.norm()).item() <= 1e-4, kn
+        for workers in (1, 2) if layout == "subset" else (1,):  # subsets one at a time, or two at once
+            loss, grad = loss_and_grad(torch.float32, "adjoint", kn, workers)
+            assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref), (kn, workers)
+            assert ((grad - grad_ref).norm() / grad_ref.norm()).item() <= 1e-4, (kn, workers)
 
 
 def isa_limited_run(tmp_path, *flags):
