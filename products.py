@@ -11,6 +11,7 @@ from timings taken elsewhere: `plan` probes every kernel on a tiny product (one 
 dropped: e.g. oneDNN's bfloat16 path needs AVX-512 or AVX-NE-CONVERT) and times the rest on the run's own shapes.
 """
 import functools
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -116,10 +117,11 @@ def _step(kernel, N, D, width, km, device, masks=1):
 
 
 def _timings(names, make, budget):
-    """Milliseconds per step of each candidate: the best of short rounds taken in turn, candidate after candidate,
-    so that a burst of load elsewhere on the machine hits them alike, about `budget` seconds each. A candidate whose
-    first step is 5x slower than the best first step is not timed further (a kernel without hardware support can be
-    100x slower; no need to watch it)."""
+    """Milliseconds per step of each candidate: the median of short rounds taken in turn, candidate after candidate,
+    so that load elsewhere on the machine hits them alike and a candidate that only runs well on an idle machine
+    (products split over threads that wait for each other) is seen as it will run; about `budget` seconds each, at
+    least 3 rounds. A candidate whose first step is 5x slower than the best first step is not timed further (a
+    kernel without hardware support can be 100x slower; no need to watch it)."""
     steps, first = {}, {}
     for kn in names:
         steps[kn] = make(kn)
@@ -127,17 +129,17 @@ def _timings(names, make, budget):
         t0 = time.perf_counter()
         steps[kn]()
         first[kn] = (time.perf_counter() - t0) * 1e3
-    best = dict(first)
     timed = [kn for kn in names if first[kn] <= 5 * min(first.values())]
-    spent = 0.0
-    while spent < budget * len(timed):
+    rounds, spent = {kn: [] for kn in timed}, 0.0
+    while spent < budget * len(timed) or len(rounds[timed[0]]) < 3:
         for kn in timed:
             t0 = time.perf_counter()
             for _ in range(3):
                 steps[kn]()
             dt = time.perf_counter() - t0
-            best[kn], spent = min(best[kn], dt / 3 * 1e3), spent + dt
-    return best
+            rounds[kn].append(dt / 3 * 1e3)
+            spent += dt
+    return {kn: statistics.median(rounds[kn]) if kn in rounds else first[kn] for kn in names}
 
 
 def run_concurrently(tasks, workers):
