@@ -90,9 +90,9 @@ class OutputGroup:
                     raise
                 done.append((path, old))
         except (OSError, HumeError) as e:
-            for path, old in reversed(done):
+            for renamed, old in reversed(done):
                 with contextlib.suppress(OSError):
-                    os.replace(old, path) if old else os.remove(path)
+                    os.replace(old, renamed) if old else os.remove(renamed)
             self.discard()
             if isinstance(e, HumeError):
                 raise
