@@ -3,6 +3,7 @@ any work (table-driven, main(argv) in process): a second method on the same seed
 method, a folder, FIFO or symlink where a file goes, a checkpoint at a negative or non-integer iteration: exit 2,
 one line, and the folder and everything around it unchanged (helpers.tree). Folders of the paper's hume.py (task and
 results only) still belong to hume.py and are read by evaluate.py."""
+import errno
 import os
 import pathlib
 import pickle
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import evaluate
+import files
 import hume
 import run_turtle
 from helpers import FAST, cli, refused, tree, write_paper_task, write_problem
@@ -156,3 +158,24 @@ def test_resume_refuses_a_checkpoint_at_a_senseless_iteration(P, checkpoints, tm
     before = tree(str(tmp_path))
     refused(cli(main, argv(P, folder, "--resume")), "--resume", words)
     assert tree(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize("method", ["turtle", "hume"])
+def test_task_and_results_stay_one_unit_when_the_results_rename_fails(P, tmp_path, monkeypatch, method):
+    main, argv, task = {"turtle": (run_turtle.main, turtle_argv, "turtle_task_0.pt"),
+                        "hume": (hume.main, hume_argv, "linear_task_0.pt")}[method]
+    folder = str(tmp_path / "run")
+    assert cli(main, argv(P, folder))[0] == 0
+    pair = lambda: {n: open(os.path.join(folder, n), "rb").read() for n in (task, "results_0.pickle")}
+    before = pair()
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("results_0.pickle"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(files.os, "replace", replace)
+    refused(cli(main, argv(P, folder, "--seed", "0", "--outer_lr" if method == "hume" else "--gamma", "0.5")),
+            "results_0.pickle")
+    assert pair() == before  # the new task was put back to the old one: the pair still matches
+    assert not [n for n in os.listdir(folder) if n.startswith(".tmp_")]
