@@ -99,7 +99,7 @@ def load(args, encoder, opt, gen, shapes=None):
         raise HumeError(f"{bad} ({type(e).__name__}: {first}); delete it to start over") from None
     extra = state["extra"]
     if not isinstance(extra, dict) or not isinstance(extra.get("seconds"), (int, float)) or \
-            not valid_w0(extra.get("w0_fixed"), args, shapes):
+            not 0 <= extra["seconds"] < math.inf or not valid_w0(extra.get("w0_fixed"), args, shapes):
         raise HumeError(f"{bad} (its run state is damaged); delete it to start over")
     return it, extra
 

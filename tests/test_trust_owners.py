@@ -144,7 +144,8 @@ RESUME = [("turtle", {"iteration": -5}, "iteration -5"), ("turtle", {"iteration"
           ("turtle", {"iteration": True}, "iteration True"), ("turtle", {"seconds": float("nan")}, "nan seconds"),
           ("turtle", {"iteration": 10 ** 9}, "past --T"),
           ("hume", {"iteration": -5}, "iteration -5"), ("hume", {"iteration": 2.0}, "iteration 2.0"),
-          ("hume", {"iteration": 10 ** 9}, "past --num_iters")]
+          ("hume", {"iteration": 10 ** 9}, "past --num_iters"), ("hume", {"seconds": -1.0}, "run state"),
+          ("hume", {"seconds": float("inf")}, "run state")]
 
 
 @pytest.mark.parametrize("method,change,words", RESUME, ids=[f"{m}-{c}" for m, c, _ in RESUME])
@@ -153,7 +154,7 @@ def test_resume_refuses_a_checkpoint_at_a_senseless_iteration(P, checkpoints, tm
     folder = str(tmp_path / "run")
     shutil.copytree(src, folder)
     state = torch.load(os.path.join(folder, name), weights_only=True)
-    state.update(change)
+    (state["extra"] if method == "hume" and "seconds" in change else state).update(change)
     torch.save(state, os.path.join(folder, name))
     before = tree(str(tmp_path))
     refused(cli(main, argv(P, folder, "--resume")), "--resume", words)
