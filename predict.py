@@ -160,8 +160,10 @@ def sort_files(plan, copy, folder):
                 raise OSError(errno.EEXIST, "it exists", dst)
             made[1].append(dst)  # before the copy: a copy cut short by a full disk is removed too
             (shutil.copy2 if copy else os.symlink)(src, dst)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C too: nothing half-sorted is left
         remove_made(made)
+        if not isinstance(e, OSError):
+            raise
         fix = "free some space or choose another folder" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
             "choose another folder"
         raise HumeError(f"--sort_into {folder}: cannot {'copy' if copy else 'link'} {src} to {dst} ({e.strerror}); "
