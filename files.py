@@ -30,7 +30,7 @@ def check_replaceable(path, flag=None):
     import stat
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is a file: the caller says so)
         return
     except OSError as e:
         raise write_error(path, e) from None
