@@ -77,7 +77,7 @@ def load(args, encoder, opt, gen, shapes=None):
         raise HumeError(f"--resume: {path} was written for arrays of shapes {state.get('shapes')}, but the inputs "
                         f"now have {shapes}; resume on the same data or use another --exp_path")
     it = state["iteration"]
-    if not isinstance(it, int) or it < 0:
+    if type(it) is not int or it < 0:  # bool, float or negative: not an iteration
         raise HumeError(f"{bad} (iteration {it!r}); delete it to start over")
     if it > args.num_iters:
         raise HumeError(f"--resume: {path} is at iteration {it}, past --num_iters {args.num_iters}; give "
@@ -99,7 +99,7 @@ def load(args, encoder, opt, gen, shapes=None):
         raise HumeError(f"{bad} ({type(e).__name__}: {first}); delete it to start over") from None
     extra = state["extra"]
     if not isinstance(extra, dict) or not isinstance(extra.get("seconds"), (int, float)) or \
-            not valid_w0(extra.get("w0_fixed"), args, shapes):
+            not 0 <= extra["seconds"] < math.inf or not valid_w0(extra.get("w0_fixed"), args, shapes):
         raise HumeError(f"{bad} (its run state is damaged); delete it to start over")
     return it, extra
 

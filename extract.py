@@ -27,7 +27,7 @@ from torchvision import datasets
 from tqdm import tqdm
 
 from backbones import build_backbone
-from files import atomic_write, ensure_dir, restricted_load
+from files import OutputGroup, check_output_file, ensure_dir, restricted_load
 from utils import HumeError, l2_normalize, log, make_parser, run_cli
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
@@ -175,12 +175,18 @@ def main(argv=None):
     out = os.path.normpath(args.out)
     labels_dir = args.labels_dir or (os.path.join(os.path.dirname(os.path.dirname(out)), "labels")
                                      if os.path.basename(os.path.dirname(out)) == "representations" else out)
+    if args.name is not None and (not args.name or os.sep in args.name or "/" in args.name or
+                                  args.name in (".", "..") or args.name.startswith(".")):
+        raise HumeError(f"--name {args.name!r}: a file name prefix must not be empty, start with a dot or hold a "
+                        "path separator (outputs go into --out); give a plain name such as mine")
     ensure_dir(out, "--out")  # fail before any expensive work
     ensure_dir(labels_dir, "--labels_dir")
     stem = f"{args.name or args.dataset}{args.split}"
     feat_path = os.path.join(out, stem + ("_l2" if args.l2 else "") + ".npy")
     label_path = os.path.join(labels_dir, stem + "_targets.npy")
     sources_path = feat_path[:-len(".npy")] + ".sources.txt"
+    for path, flag in ((feat_path, "--out"), (sources_path, "--out"), (label_path, "--labels_dir")):
+        check_output_file(path, flag)
 
     model, transform = build_backbone(args.arch, args.weights, args.seed, args.cifar_stem, args.image_size,
                                       args.mean, args.std)
@@ -196,18 +202,18 @@ def main(argv=None):
         with open(tmp, "w") as f:
             f.writelines(s + "\n" for s in sources)
 
-    def write(tmp):
-        labels = extract(model, loader, len(dataset), tmp, args.device, args.l2, args.arch, args.amp)
-        atomic_write(sources_path, write_sources)
-        if labels.min() >= 0:  # torchvision marks unlabeled images (STL-10 unlabeled) with -1
-            atomic_write(label_path, lambda t: np.save(t, labels))
-            log(f"labels: {label_path} ({len(np.unique(labels))} classes)")
-
     t0 = time.time()
-    try:
-        atomic_write(feat_path, write)
-    except OSError as e:  # unreadable image, disk full; DataLoader workers wrap the message in a traceback
+    try:  # features, sources and labels: all new or all old, whatever fails (files.OutputGroup)
+        with OutputGroup() as group:
+            labels = group.write(feat_path, lambda tmp: extract(model, loader, len(dataset), tmp, args.device,
+                                                                args.l2, args.arch, args.amp))
+            group.write(sources_path, write_sources)
+            if labels.min() >= 0:  # torchvision marks unlabeled images (STL-10 unlabeled) with -1
+                group.write(label_path, lambda tmp: np.save(tmp, labels))
+    except OSError as e:  # unreadable image; DataLoader workers wrap the message in a traceback
         raise HumeError(f"{str(e).strip().splitlines()[-1]}; nothing was written") from None
+    if labels.min() >= 0:
+        log(f"labels: {label_path} ({len(np.unique(labels))} classes)")
     seconds = time.time() - t0
     shape = np.load(feat_path, mmap_mode="r").shape
     log(f"wrote {feat_path}: {shape[0]} x {shape[1]} float32 in {seconds:.1f} s "

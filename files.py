@@ -1,5 +1,6 @@
-"""Files: atomic writes with one message for every failed write, JSON reports and the JSON-lines metrics log, output
-checks made before any work, the per-seed lock, and the restricted unpickler every pickle we read goes through.
+"""Files: the one writer for outputs (atomic, groups of files committed as one unit, never through a symbolic link
+or over a device), one message for every failed write, JSON reports and JSON-lines logs, output checks made before
+any work, and the restricted unpickler every pickle we read goes through (runs.py: the run folder of a seed).
 """
 import contextlib
 import io
@@ -22,28 +23,119 @@ def write_error(path, e):
     return HumeError(f"cannot write {path} ({e.strerror or e}); {fix}")
 
 
+def check_replaceable(path, flag=None):
+    """An output is written beside its target and renamed over it, so the target must be absent or a regular file:
+    a symbolic link (it would be replaced, and no output is ever written through one) or a device, FIFO or socket
+    (e.g. --json /dev/null, which root would turn into a regular file) is refused, never replaced."""
+    import stat
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is a file: the caller says so)
+        return
+    except OSError as e:
+        raise write_error(path, e) from None
+    where = f"{flag} {path}" if flag else path
+    if stat.S_ISLNK(mode):
+        raise HumeError(f"{where}: is a symbolic link; outputs are never written through links: remove it or give "
+                        "another name")
+    if stat.S_ISDIR(mode):
+        raise HumeError(f"{where}: is a folder; give a file name")
+    if not stat.S_ISREG(mode):
+        raise HumeError(f"{where}: is not a regular file (a device, FIFO or socket) and would be replaced; give a "
+                        "file name")
+
+
+class OutputGroup:
+    """Files committed as one unit, all new or all old whatever fails: write() puts each file in a temporary beside
+    its target (a full disk fails here, before any target changes); commit() renames them over their targets in
+    order, and a rename that fails puts back every target already renamed (its old file, or none). Readers never
+    see a half-written file. As a context manager: commit at the end of the block, discard on an exception."""
+
+    def __init__(self):
+        self.staged = []  # (temporary, target)
+
+    def write(self, path, write_fn):
+        """write_fn(tmp) writes the file; returns what it returns. A failed write raises "cannot write PATH"."""
+        check_replaceable(path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path),
+                                       dir=os.path.dirname(os.path.abspath(path)))
+        except OSError as e:
+            raise write_error(path, e) from None
+        os.close(fd)
+        self.staged.append((tmp, path))
+        try:
+            result = write_fn(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+        except OSError as e:
+            raise write_error(path, e) from None
+        return result
+
+    def write_bytes(self, path, data):
+        self.write(path, lambda tmp: _write_file(tmp, data))
+
+    def commit(self):
+        done, path = [], None  # (target, hard link to its old file or None), in the order renamed
+        try:
+            for tmp, path in self.staged:
+                check_replaceable(path)  # a link or device planted since write()
+                old = _keep_old(tmp, path) if len(self.staged) > 1 else None
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    if old:
+                        _remove_quietly(old)
+                    raise
+                done.append((path, old))
+        except (OSError, HumeError) as e:
+            for renamed, old in reversed(done):
+                with contextlib.suppress(OSError):
+                    os.replace(old, renamed) if old else os.remove(renamed)
+            self.discard()
+            if isinstance(e, HumeError):
+                raise
+            raise write_error(path, e) from None
+        for _, old in done:
+            if old:
+                _remove_quietly(old)
+        self.staged = []
+
+    def discard(self):
+        for tmp, _ in self.staged:
+            _remove_quietly(tmp)
+        self.staged = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _keep_old(tmp, path):
+    """A second name for path's current file (a hard link, else a copy), to put back if the group fails."""
+    if not os.path.lexists(path):
+        return None
+    old = tmp + ".old"
+    try:
+        os.link(path, old)
+    except OSError:
+        import shutil
+        shutil.copy2(path, old)
+    return old
+
+
 def atomic_write(path, write_fn):
-    """Write via write_fn(tmp_path) to a temporary file in the same folder, then rename over path:
-    readers never see a half-written file, and a crash leaves no partial output behind. A failed write (disk
-    full, read-only folder) removes the temporary file and raises a HumeError "cannot write PATH (reason)"."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path), dir=folder)
-    except OSError as e:
-        raise write_error(path, e) from None
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise write_error(path, e) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    """Write via write_fn(tmp_path) to a temporary file in the same folder, then rename over path (a group of one):
+    readers never see a half-written file, a crash leaves no partial output behind, and a failed write removes the
+    temporary and raises a HumeError "cannot write PATH (reason)"."""
+    with OutputGroup() as group:
+        group.write(path, write_fn)
 
 
 def _remove_quietly(path):
@@ -51,18 +143,24 @@ def _remove_quietly(path):
         os.remove(path)
 
 
+def _write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def write_bytes(path, data):
     """data (bytes) to path, atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: _write_file(tmp, data))
+
+
+def torch_bytes(obj):
+    buf = io.BytesIO()  # serialise in memory: a full disk then fails as an OSError naming its cause
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def torch_save(obj, path):
-    buf = io.BytesIO()  # serialise in memory: a full disk then fails as an OSError naming its cause
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    write_bytes(path, torch_bytes(obj))
 
 
 def pickle_save(obj, path):
@@ -131,30 +229,6 @@ def read_jsonl(path, required=()):
     return out
 
 
-# ---------------------------------------------------------------- the metrics log of a run
-
-def keep_log_until(path, iteration):
-    """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
-    last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
-    if os.path.islink(path):
-        raise HumeError(f"{path} is a symbolic link, not the log hume.py wrote; remove it and rerun")
-    kept = []  # rewritten even when missing
-    for line, rec in read_jsonl(path, required=("iteration",)) if os.path.isfile(path) else []:
-        if not isinstance(rec["iteration"], int):
-            raise HumeError(f"{path}:{line}: iteration {rec['iteration']!r} is not a number; delete that line")
-        if rec["iteration"] <= iteration:
-            kept.append(rec)
-    write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
-
-
-def start_log(path, fresh):
-    """A fresh run empties the metrics log once, at its first write (a finished seed's log survives a rerun
-    that fails before that). fresh: a one-element list, cleared here."""
-    if fresh[0]:
-        write_bytes(path, b"")
-        fresh[0] = False
-
-
 def ensure_dir(path, flag):
     if os.path.exists(path) and not os.path.isdir(path):
         raise HumeError(f"{flag} {path}: a file of that name exists; it must be a folder (choose another path)")
@@ -167,35 +241,13 @@ def ensure_dir(path, flag):
 
 
 def check_output_file(path, flag):
-    """Refuse, before any work, an output file that cannot be written: a folder of that name, a parent that is
-    missing (and cannot be created), a file, or is not writable."""
-    if os.path.isdir(path):
-        raise HumeError(f"{flag} {path}: is a folder; give a file name")
+    """Refuse, before any work, an output file that cannot be written: a folder, a symbolic link or a device of
+    that name, a parent that is missing (and cannot be created), or a file that is not writable."""
+    check_replaceable(path, flag)
     parent = os.path.dirname(os.path.abspath(path))
     ensure_dir(parent, flag)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise HumeError(f"{flag} {path}: the file is not writable")
-
-
-@contextlib.contextmanager
-def seed_lock(folder, seed, flag="--exp_path"):
-    """Hold an exclusive lock on {folder}/hume_{seed}.lock for the block: a second run of the same seed into the
-    same folder is refused with one line instead of interleaving its files. The lock dies with the process."""
-    import fcntl
-    path = os.path.join(folder, f"hume_{seed}.lock")
-    try:  # O_NOFOLLOW: a planted symlink of that name is not followed
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-    except OSError as e:
-        raise write_error(path, e) from None
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HumeError(f"{flag} {folder}: seed {seed} is already running there (another process holds {path}); "
-                            "wait for it to end, or use another --seed or --exp_path") from None
-        yield path
-    finally:
-        f.close()
 
 
 # ---------------------------------------------------------------- results pickles

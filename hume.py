@@ -16,6 +16,7 @@ code cites them: Eq. 3 the task encoder, Eq. 5 the inner problem, Eq. 7 HUME's o
 """
 import dataclasses
 import os
+import pickle
 import time
 
 import numpy as np
@@ -31,7 +32,9 @@ import products
 from inputs import Rows, load_data
 from metrics import all_metrics, cv_score
 from model import init_inner, make_task_encoder, predict, sample_subsets
-from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
+import runs
+from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
+from runs import keep_log_until, seed_lock, start_log
 from utils import HumeError, interruptible, log, release_freed_memory, run_cli, seed_everything, summary, warn
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
@@ -187,9 +190,10 @@ def finish(cfg, data, steps, encoder, state):
                "inner_fit": {"first": state.get("inner_fit_first"), "last": state.get("inner_fit_last")}}
     if data.y_val is not None:
         results["metrics"] = all_metrics(data.y_val, preds)
-    torch_save({k: v.cpu() for k, v in encoder.state_dict().items()},
-               os.path.join(cfg.exp_path, f"linear_task_{cfg.seed}.pt"))
-    pickle_save(results, os.path.join(cfg.exp_path, f"results_{cfg.seed}.pickle"))
+    with OutputGroup() as group:  # task and results: both new or both old, whatever fails
+        group.write_bytes(os.path.join(cfg.exp_path, f"linear_task_{cfg.seed}.pt"),
+                          torch_bytes({k: v.cpu() for k, v in encoder.state_dict().items()}))
+        group.write_bytes(os.path.join(cfg.exp_path, f"results_{cfg.seed}.pickle"), pickle.dumps(results))
     return results
 
 
@@ -210,14 +214,11 @@ def main(argv=None):
 def run(cfg, world):
     data = load_data(cfg)
     ensure_dir(cfg.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
-    for name in (f"linear_task_{cfg.seed}.pt", f"results_{cfg.seed}.pickle", f"metrics_{cfg.seed}.jsonl",
-                 os.path.basename(checkpoint.path_for(cfg))):
-        if os.path.isdir(os.path.join(cfg.exp_path, name)):
-            raise HumeError(f"--exp_path {cfg.exp_path}: {name} is a folder, but hume.py writes a file of that name "
-                            "there; move it or choose another --exp_path")
+    runs.check(cfg.exp_path, cfg.seed, "hume")  # every output, and the seed not run_turtle.py's, before any work
     if world and world.rank != 0:
         return train_and_finish(cfg, data, world)
     with seed_lock(cfg.exp_path, cfg.seed):  # a second run of this seed into this folder is refused
+        runs.claim(cfg.exp_path, cfg.seed, "hume")
         try:
             return train_and_finish(cfg, data, world)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue

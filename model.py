@@ -94,6 +94,14 @@ def is_turtle(task_path):
     return os.path.basename(task_path).startswith("turtle_task_")
 
 
+def check_finite(path, state):
+    """A task whose weights hold NaN or inf would label every point alike (argmax of NaN): refused, not scored."""
+    tensors = [v for v in state.values() if torch.is_tensor(v)] if isinstance(state, dict) else []
+    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in tensors):
+        raise HumeError(f"{path}: the task's weights hold NaN or inf (a diverged or damaged run); remove that task "
+                        "or rerun its seed")
+
+
 def load_task(path, d1):
     """Task encoder weight W (k x d1) from a saved state_dict of orthogonal(nn.Linear(d1, k, bias=False))."""
     try:
@@ -102,6 +110,7 @@ def load_task(path, d1):
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise HumeError(f"{path}: not a HUME task file ({type(e).__name__}: {first})") from None
+    check_finite(path, state)
     if d != d1:
         raise HumeError(f"{path}: task encoder expects phi1 of dimension {d}, but --phi1_path has {d1}; "
                         "evaluate with the phi1 space the tasks were trained in")
@@ -111,7 +120,9 @@ def load_task(path, d1):
     except RuntimeError as e:
         raise HumeError(f"{path}: does not load into orthogonal(nn.Linear({d1}, {k})): {str(e).splitlines()[0]}") \
             from None
-    return encoder.weight.detach()
+    W = encoder.weight.detach()
+    check_finite(path, {"W": W})  # finite parameters whose orthogonalisation is not (e.g. 1e38)
+    return W
 
 
 def check_one_kind(tasks, values, name, what):
@@ -159,6 +170,8 @@ def load_turtle_task(path, dims):
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise HumeError(f"{path}: not a TURTLE task file ({type(e).__name__}: {first})") from None
+    for head in state.values():
+        check_finite(path, head)
     if len(state) != len(dims):
         raise HumeError(f"{path}: a task over {len(state)} space(s) but {len(dims)} --phi_paths given; give one "
                         "array per space, in the order it was trained with")

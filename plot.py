@@ -258,15 +258,20 @@ def draw_montage(args, tasks, prefix):
     if args.texts:
         log("\n".join(montage.text_rows(rows, texts)))
         return
+    paged = montage.pages(rows)
+    paths = [os.path.join(args.out, f"{prefix}_montage{f'_{p}' if len(paged) > 1 else ''}.png")
+             for p in range(1, len(paged) + 1)]
+    if os.path.lexists(args.out):  # every output checked before the images are read (a new folder holds none)
+        ensure_dir(args.out, "--out")
+        for path in paths:
+            check_output_file(path, "--out")
     images = montage.thumbnails(rows, sources, DPI)
     ensure_dir(args.out, "--out")
-    paged = montage.pages(rows)
-    for p, page in enumerate(paged, 1):
+    for p, (page, path) in enumerate(zip(paged, paths), 1):
         title = (f"{len(rows)} non-empty clusters of k = {k}: size and up to {args.per_cluster} representative, "
                  f"diverse members (picked in {'phi2' if args.phi2_path else 'phi1'})" +
                  (f", page {p} of {len(paged)}" if len(paged) > 1 else ""))
-        save(montage.draw_page(page, images, args.per_cluster, DPI, title),
-             os.path.join(args.out, f"{prefix}_montage{f'_{p}' if len(paged) > 1 else ''}.png"))
+        save(montage.draw_page(page, images, args.per_cluster, DPI, title), path)
         log(f"  rows: clusters {' '.join(str(c) for c, _, _ in page)}")
 
 

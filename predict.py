@@ -23,7 +23,9 @@ get the clusters' numbers of the training points. --sort_into DIR places each so
 (symlinks; --copy to copy). Nothing is overwritten: an existing output stops the run before anything is written.
 Bad inputs end with one line on stderr and exit code 2.
 """
+import contextlib
 import csv
+import errno
 import os
 import re
 import shutil
@@ -32,7 +34,7 @@ import numpy as np
 
 from metrics import align_tasks, align_to, all_metrics, majority_vote
 from model import find_tasks, task_predictions
-from files import atomic_write, ensure_dir
+from files import OutputGroup, check_output_file
 from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, log, make_parser,
                    run_cli)
 
@@ -77,7 +79,17 @@ def matched_classes(vote, y):
     return [c if c in classes else "" for c in aligned.tolist()]
 
 
-def write_labels(prefix, vote, agreement, classes, sources):
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
+
+
+def csv_text(text):
+    """A foreign text cell (a source file name) made inert in a spreadsheet: a cell starting with = + - @ tab or CR
+    gets a single quote in front (OWASP's CSV-injection rule); csv.writer quotes what needs it."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def write_labels(group, prefix, vote, agreement, classes, sources):
+    """PREFIX.npy and PREFIX.csv, staged in group (committed together, see files.OutputGroup)."""
     def write_npy(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
             np.save(f, vote.astype(np.int64), allow_pickle=False)
@@ -89,9 +101,9 @@ def write_labels(prefix, vote, agreement, classes, sources):
                        ["source"] * (sources is not None))
             for i, (c, a) in enumerate(zip(vote.tolist(), agreement.tolist())):
                 w.writerow([i, c, f"{a:.3f}"] + ([classes[i]] if classes is not None else []) +
-                           ([sources[i]] if sources is not None else []))
-    atomic_write(prefix + ".npy", write_npy)
-    atomic_write(prefix + ".csv", write_csv)
+                           ([csv_text(sources[i])] if sources is not None else []))
+    group.write(prefix + ".npy", write_npy)
+    group.write(prefix + ".csv", write_csv)
 
 
 # ---------------------------------------------------------------- sorting files
@@ -115,8 +127,13 @@ def sort_plan(vote, sources, folder, k):
     dsts = [d for _, d in plan]
     if len(set(dsts)) < len(dsts):
         raise HumeError(f"--sort_into {folder}: two files would get the same name; rename one of them")
-    taken = [p for p in [folder] + sorted({os.path.dirname(d) for d in dsts}) if os.path.lexists(p) and
-             not os.path.isdir(p)] + [d for d in dsts if os.path.lexists(d)]
+    clusters = sorted({os.path.dirname(d) for d in dsts})
+    links = [c for c in clusters if os.path.islink(c)]  # DIR itself may be a link the user named; not what is in it
+    if links:
+        raise HumeError(f"--sort_into {folder}: {links[0]} is a symbolic link to another folder; nothing is written "
+                        "through links: remove it or choose a new folder")
+    taken = [p for p in [folder] + clusters if os.path.lexists(p) and not os.path.isdir(p)] + \
+        [d for d in dsts if os.path.lexists(d)]
     if taken:
         raise HumeError(f"--sort_into {folder}: {taken[0]} exists ({len(taken)} in all) and would be overwritten; "
                         "nothing was written: choose a new folder")
@@ -124,25 +141,44 @@ def sort_plan(vote, sources, folder, k):
 
 
 def sort_files(plan, copy, folder):
-    """Link (or copy) every file as planned; on a failure, remove whatever this call created."""
-    dirs, files = [], []
+    """Link (or copy) every file as planned. Returns what it made (folders, files), for remove_made; on a failure
+    (a full disk mid-copy) removes all of it, the partial file included, and says so in one line."""
+    made = ([], [])
 
     def make_dir(path):
+        if os.path.islink(path):  # planted since sort_plan
+            raise OSError(errno.ELOOP, "a symbolic link to another folder", path)
         if not os.path.isdir(path):
             make_dir(os.path.dirname(path))
             os.mkdir(path)
-            dirs.append(path)
+            made[0].append(path)
+    src = dst = None
     try:
         for src, dst in plan:
             make_dir(os.path.dirname(os.path.abspath(dst)))
+            if os.path.lexists(dst):  # planted since sort_plan: never replaced
+                raise OSError(errno.EEXIST, "it exists", dst)
+            made[1].append(dst)  # before the copy: a copy cut short by a full disk is removed too
             (shutil.copy2 if copy else os.symlink)(src, dst)
-            files.append(dst)
-    except OSError as e:
-        for path in reversed(files):
+    except BaseException as e:  # Ctrl-C too: nothing half-sorted is left
+        remove_made(made)
+        if not isinstance(e, OSError):
+            raise
+        fix = "free some space or choose another folder" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "choose another folder"
+        raise HumeError(f"--sort_into {folder}: cannot {'copy' if copy else 'link'} {src} to {dst} ({e.strerror}); "
+                        f"the files and folders made so far were removed and nothing was written: {fix}") from None
+    return made
+
+
+def remove_made(made):
+    folders, files = made
+    for path in reversed(files):
+        with contextlib.suppress(OSError):
             os.remove(path)
-        for path in reversed(dirs):
+    for path in reversed(folders):
+        with contextlib.suppress(OSError):
             os.rmdir(path)
-        raise HumeError(f"--sort_into {folder}: {e.strerror or e} ({e.filename}); nothing was left behind") from None
 
 
 def main(argv=None):
@@ -174,11 +210,20 @@ def main(argv=None):
     sources = find_sources(args.sources, paths[0], n)
     vote, agreement, k = ensemble_labels(points, find_tasks(args.tasks_path), ref, turtle=args.phi_paths is not None)
     plan = sort_plan(vote, sources, args.sort_into, k) if args.sort_into else None
-    if os.path.dirname(prefix):
-        ensure_dir(os.path.dirname(prefix), "--out")
-    if plan:
-        sort_files(plan, args.copy, args.sort_into)
-    write_labels(prefix, vote, agreement, None if y is None else matched_classes(vote, y), sources)
+    for path in (prefix + ".npy", prefix + ".csv"):
+        check_output_file(path, "--out")
+    group = OutputGroup()  # the labels and the sorted files: all or nothing
+    try:
+        write_labels(group, prefix, vote, agreement, None if y is None else matched_classes(vote, y), sources)
+        made = sort_files(plan, args.copy, args.sort_into) if plan else ([], [])
+    except BaseException:
+        group.discard()
+        raise
+    try:
+        group.commit()
+    except BaseException:
+        remove_made(made)
+        raise
     ids, sizes = np.unique(vote, return_counts=True)
     log(f"{len(vote)} points in {len(ids)} clusters (k = {k}; sizes {dict(zip(ids.tolist(), sizes.tolist()))}), "
         f"mean agreement {agreement.mean():.3f} -> {prefix}.npy, {prefix}.csv", args.quiet)

@@ -17,6 +17,7 @@ nn.Linear(d_i, k) heads, weight norm removed), results_{seed}.pickle (CV_Score a
 --T). Bad inputs end with one line on stderr and exit code 2.
 """
 import os
+import pickle
 import time
 
 import numpy as np
@@ -28,7 +29,9 @@ from tqdm import tqdm
 from config import check_numbers
 from metrics import all_metrics, cv_score
 from model import export_turtle_task, make_turtle_encoder, turtle_labels, turtle_predict
-from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
+import runs
+from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
+from runs import keep_log_until, seed_lock, start_log
 from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, make_parser,
                    run_cli, seed_everything, summary)
 
@@ -177,10 +180,13 @@ def load_checkpoint(args, theta, opt, inner, inner_opt, gen):
             inner_opt.load_state_dict(state["inner_opt"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        it, seconds = int(state["iteration"]), float(state["seconds"])
+        it, seconds = state["iteration"], float(state["seconds"])
     except Exception as e:
         raise HumeError(f"--resume: {path} is damaged ({type(e).__name__}: {first_line(e)}); delete it to start "
                         "over") from None
+    if type(it) is not int or it < 0 or not 0 <= seconds < float("inf"):
+        raise HumeError(f"--resume: {path} is damaged (iteration {it!r}, {seconds!r} seconds); delete it to start "
+                        "over")
     if it > args.T:
         raise HumeError(f"--resume: {path} is at iteration {it}, past --T {args.T}; give --T {it} or more")
     return it, seconds
@@ -261,8 +267,10 @@ def finish(args, d, theta, seconds):
                "phi_paths": d["paths"], "phi_paths_val": d["paths_val"], "gt_labels_path": d["y_path"]}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
-    torch_save(export_turtle_task(theta), os.path.join(args.exp_path, f"turtle_task_{args.seed}.pt"))
-    pickle_save(results, os.path.join(args.exp_path, f"results_{args.seed}.pickle"))
+    with OutputGroup() as group:  # task and results: both new or both old, whatever fails
+        group.write_bytes(os.path.join(args.exp_path, f"turtle_task_{args.seed}.pt"),
+                          torch_bytes(export_turtle_task(theta)))
+        group.write_bytes(os.path.join(args.exp_path, f"results_{args.seed}.pickle"), pickle.dumps(results))
     return results
 
 
@@ -274,7 +282,9 @@ def main(argv=None):
     mode = "inductive" if d["phis_val"] is not d["phis"] else "transductive"
     log(f"TURTLE {mode}: n={len(d['phis'][0])} dims={[a.shape[1] for a in d['phis']]} k={args.k} -> "
         f"{args.exp_path}", args.quiet)
+    runs.check(args.exp_path, args.seed, "turtle")  # every output, and the seed not hume.py's, before any work
     with seed_lock(args.exp_path, args.seed):  # a second run of this seed into this folder is refused
+        runs.claim(args.exp_path, args.seed, "turtle")
         try:
             theta, seconds = train(args, d)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue

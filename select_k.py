@@ -114,6 +114,9 @@ def check_grid(ks, extra, out, json_path):
         check_output_file(json_path, "--json")
     for k in ks:
         folder = os.path.join(out, f"k{k}")
+        if os.path.islink(folder):
+            raise HumeError(f"--out {out}: {folder} is a symbolic link to another folder; the tasks of k={k} are "
+                            "never written through links: remove it or choose another --out")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise HumeError(f"--out {out}: {folder} is a file, but the tasks of k={k} go into a folder of that name; "
                             "move it or choose another --out")

@@ -221,3 +221,25 @@ def refused(result, *needles):
 def temp_files(folder):
     """Temporary files (files.atomic_write's .tmp_*) left anywhere under folder."""
     return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.startswith(".tmp_")]
+
+
+def tree(folder):
+    """Everything under folder, links not followed and special files not opened: {relative path: ("dir",),
+    ("link", target), ("file", bytes) or ("special", mode)}. Equal before and after a refused run: nothing changed."""
+    import stat
+    out = {}
+    for d, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(d, name)
+            mode = os.lstat(path).st_mode
+            rel = os.path.relpath(path, folder)
+            if stat.S_ISLNK(mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(mode):
+                out[rel] = ("dir",)
+            elif stat.S_ISREG(mode):
+                with open(path, "rb") as f:
+                    out[rel] = ("file", f.read())
+            else:
+                out[rel] = ("special", stat.S_IFMT(mode))
+    return out

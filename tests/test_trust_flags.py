@@ -96,5 +96,5 @@ def test_exp_path_that_is_a_file_is_refused(P, tmp_path):
 def test_an_output_name_taken_by_a_folder_is_refused_before_work(P, tmp_path):
     folder = tmp_path / "run"
     (folder / "results_42.pickle").mkdir(parents=True)
-    refused(cli(hume.main, flags(P, str(folder), seed="42")), "results_42.pickle is a folder")
+    refused(cli(hume.main, flags(P, str(folder), seed="42")), "results_42.pickle: is a folder")
     assert sorted(os.listdir(folder)) == ["results_42.pickle"]

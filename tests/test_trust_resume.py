@@ -114,9 +114,9 @@ def test_a_planted_symlink_as_the_log_is_never_followed(run, tmp_path):
     log = os.path.join(folder, "metrics_0.jsonl")
     os.remove(log)
     os.symlink(victim, log)
-    refused(cli(hume.main, argv), "metrics_0.jsonl is a symbolic link")  # --resume
-    assert cli(hume.main, [a for a in argv if a != "--resume"])[0] == 0  # a fresh run replaces the link
-    assert victim.read_text() == "precious\n" and not os.path.islink(log)
+    refused(cli(hume.main, argv), "metrics_0.jsonl: is a symbolic link")  # --resume
+    refused(cli(hume.main, [a for a in argv if a != "--resume"]), "metrics_0.jsonl: is a symbolic link")  # fresh
+    assert victim.read_text() == "precious\n" and os.path.islink(log)  # refused, neither followed nor replaced
 
 
 def test_a_planted_symlink_as_the_lock_is_refused_not_followed(run, tmp_path):

@@ -161,8 +161,8 @@ def test_saved_task_loads_strict_into_plain_linear_heads(problem, tmp_path):
     assert 0 <= res["CV_Score"] <= 1
     for name in os.listdir(out):  # the paper's scripts must never mistake our files for HUME tasks
         assert not re.fullmatch(r"linear_task_(\d+)\.pt", name)
-    assert sorted(os.listdir(out)) == ["hume_0.lock", "metrics_0.jsonl", "results_0.pickle", "turtle_checkpoint_0.pt",
-                                       "turtle_task_0.pt"]
+    assert sorted(os.listdir(out)) == ["hume_0.lock", "metrics_0.jsonl", "owner_0.txt", "results_0.pickle",
+                                       "turtle_checkpoint_0.pt", "turtle_task_0.pt"]
     with open(os.path.join(out, "metrics_0.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["iteration"] for r in records] == [2, 4] and all("acc" in r["metrics"] for r in records)
