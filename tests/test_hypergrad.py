@@ -105,19 +105,30 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
     assert ((grad_a - grad_u).norm() / grad_u.norm()).item() <= tol
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("width", [1, 3, 10, 20, 21, 40])
-def test_gemms_match_float64_products(width, bf16):
-    """Both products (on a CPU through oneDNN's packed kernels) against float64 matmuls of the same float32
-    operands (for bf16: of their bfloat16 roundings)."""
+def test_gemms_match_float64_products(width, bf16, pack):
+    """Both products and their transposed forms (on a CPU through oneDNN's kernels, X packed or read in place)
+    against float64 matmuls of the same float32 operands (for bf16: of their bfloat16 roundings)."""
     g = torch.Generator().manual_seed(width)
     X, w, G = (torch.randn(*s, generator=g) for s in ((300, 70), (width, 70), (300, width)))
-    ops = products.gemms(X, width, bf16)
+    ops = products.gemms(X, width, bf16, pack)
     r = (lambda T: T.bfloat16().double()) if bf16 else (lambda T: T.double())
     tol = 1e-2 if bf16 else 1e-6  # bf16: the products' outputs are rounded to bfloat16
-    for got, ref in ((ops.logits(w), r(X) @ r(w).T), (ops.grad(G), r(G).T @ r(X))):
+    for got, ref in ((ops.logits(w), r(X) @ r(w).T), (ops.grad(G), r(G).T @ r(X)),
+                     (ops.logits_t(w), r(w) @ r(X).T), (ops.grad_t(G.T), r(G).T @ r(X))):
         assert got.dtype == torch.float32 and got.shape == ref.shape
         assert ((got.double() - ref).norm() / ref.norm()).item() <= tol
+
+
+@pytest.mark.parametrize("k", [10, 16])
+def test_softmax_matches_torch_over_either_dimension(k):
+    """products.softmax over the last or the first dimension, with rows far enough apart that exponents pass -87
+    (agreement to 2 float32 steps at 1)."""
+    Z = torch.randn(50, k, generator=torch.Generator().manual_seed(k)) * 60
+    torch.testing.assert_close(products.softmax(Z.clone()), torch.softmax(Z, 1), atol=2.5e-7, rtol=0)
+    torch.testing.assert_close(products.softmax(Z.T.contiguous(), 0), torch.softmax(Z, 1).T, atol=2.5e-7, rtol=0)
 
 
 def test_blas_and_onednn_agree_on_the_hypergradient(monkeypatch):
