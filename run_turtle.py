@@ -27,7 +27,7 @@ from config import check_numbers
 from metrics import all_metrics, cv_score
 from model import export_turtle_task, make_turtle_encoder, turtle_predict
 from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
-from turtle_step import batch_labels, init_inner, inner_adam, inner_fit, outer_loss, pack_batch
+from turtle_step import batch_labels, gather_batch, init_inner, inner_adam, inner_fit, outer_loss
 from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, make_parser,
                    run_cli, seed_everything, summary)
 
@@ -184,7 +184,7 @@ def train(args, d):
                desc=f"TURTLE seed {args.seed}")
     for it in interruptible(bar, final_checkpoint):  # a signal takes effect between iterations
         idx = torch.randperm(n, generator=gen)[:m].to(dev)  # without replacement
-        batch = pack_batch(phis, idx, args.k)
+        batch = gather_batch(phis, idx, args.k)
         if not args.warm_start:
             inner, inner_opt = new_inner()  # cold start
         Y, per_space = batch_labels(theta, batch)

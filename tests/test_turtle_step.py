@@ -37,7 +37,7 @@ def test_inner_fit_equals_autograd_and_torch_adam(dtype):
     ref, init = copies(inner), copies(inner)
     plain_inner_fit(ref, [z[idx] for z in phis], Y, M, lr)
     fast = inner.to(dtype)
-    turtle_step.inner_fit(fast, turtle_step.inner_adam(fast, lr), turtle_step.pack_batch(
+    turtle_step.inner_fit(fast, turtle_step.inner_adam(fast, lr), turtle_step.gather_batch(
         [z.to(dtype) for z in phis], idx, k), Y.to(dtype), M)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for a, b, a0 in zip(fast.parameters(), ref.parameters(), init.parameters()):
@@ -54,7 +54,7 @@ def test_inner_fit_equals_hand_written_adam():
     labels = rng.dirichlet(np.ones(k), size=n)
     inner = torch.nn.ModuleList(torch.nn.Linear(d, k).double() for d in dims)
     params = [[lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy()] for lin in inner]
-    turtle_step.inner_fit(inner, turtle_step.inner_adam(inner, lr), turtle_step.pack_batch(
+    turtle_step.inner_fit(inner, turtle_step.inner_adam(inner, lr), turtle_step.gather_batch(
         [torch.from_numpy(z) for z in phis], torch.arange(n), k), torch.from_numpy(labels).requires_grad_(), M)
     b1, b2, eps = 0.9, 0.999, 1e-8
     m_ = [[np.zeros_like(p) for p in ps] for ps in params]
@@ -86,8 +86,8 @@ def test_outer_gradient_matches_autograd_through_plain_loss(dtype):
     idx = torch.randperm(n)[:30]
     theta = model.make_turtle_encoder(dims, k).to(dtype)
     inner = torch.nn.ModuleList(torch.nn.Linear(d, k).to(dtype) for d in dims)
-    Y, per_space = turtle_step.batch_labels(theta, turtle_step.pack_batch(phis, idx, k))
-    loss = turtle_step.outer_loss(Y, per_space, inner, turtle_step.pack_batch(phis, idx, k), gamma)[0]
+    Y, per_space = turtle_step.batch_labels(theta, turtle_step.gather_batch(phis, idx, k))
+    loss = turtle_step.outer_loss(Y, per_space, inner, turtle_step.gather_batch(phis, idx, k), gamma)[0]
     loss.backward()
     g = [h.parametrizations.weight.original0.detach().double().requires_grad_() for h in theta]
     v = [h.parametrizations.weight.original1.detach().double().requires_grad_() for h in theta]
