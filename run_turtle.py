@@ -27,7 +27,7 @@ from config import check_numbers
 from metrics import all_metrics, cv_score
 from model import export_turtle_task, make_turtle_encoder, turtle_predict
 from files import append_jsonl, ensure_dir, keep_log_until, pickle_save, seed_lock, start_log, torch_save
-from turtle_step import batch_labels, gather_batch, init_inner, inner_adam, inner_fit, outer_loss
+from turtle_step import init_inner, inner_adam, outer_step
 from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, make_parser,
                    run_cli, seed_everything, summary)
 
@@ -184,15 +184,9 @@ def train(args, d):
                desc=f"TURTLE seed {args.seed}")
     for it in interruptible(bar, final_checkpoint):  # a signal takes effect between iterations
         idx = torch.randperm(n, generator=gen)[:m].to(dev)  # without replacement
-        batch = gather_batch(phis, idx, args.k)
         if not args.warm_start:
             inner, inner_opt = new_inner()  # cold start
-        Y, per_space = batch_labels(theta, batch)
-        inner_fit(inner, inner_opt, batch, Y, args.M)
-        opt.zero_grad(set_to_none=True)
-        loss, pred_error, entropy = outer_loss(Y, per_space, inner, batch, args.gamma)
-        loss.backward()
-        opt.step()
+        loss, pred_error, entropy = outer_step(theta, opt, inner, inner_opt, phis, idx, args.gamma, args.M)
         if (it + 1) % args.eval_every == 0 or it + 1 == args.T:  # the only host syncs of the loop
             record = evaluation(it + 1, (loss, pred_error, entropy), theta, phis_val, d["y_val"], time.time() - t0)
             bar.set_postfix(loss=f"{record['loss']:.3f}", clusters=record["clusters_found"],

@@ -92,3 +92,17 @@ def outer_loss(Y, per_space, inner, batch, gamma):
     pred_error = sum(F.cross_entropy(lg, Y) for lg in fixed)
     entropy = sum(torch.special.entr(p.mean(0)).sum() for p in per_space)
     return pred_error - gamma * entropy, pred_error, entropy
+
+
+def outer_step(theta, opt, inner, inner_opt, phis, idx, gamma, M):
+    """One outer iteration on the points idx: labels, M inner steps, one step of theta's optimizer opt on Eq. 12.
+    Returns the loss and its two terms, detached: the batch and the graph are freed on return, before the next
+    iteration gathers its own."""
+    batch = gather_batch(phis, idx, theta[0].out_features)
+    Y, per_space = batch_labels(theta, batch)
+    inner_fit(inner, inner_opt, batch, Y, M)
+    opt.zero_grad(set_to_none=True)
+    loss, pred_error, entropy = outer_loss(Y, per_space, inner, batch, gamma)
+    loss.backward()
+    opt.step()
+    return loss.detach(), pred_error.detach(), entropy.detach()

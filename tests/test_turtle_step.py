@@ -115,3 +115,32 @@ def test_inner_init_is_nn_linear_range_and_reproducible():
     for la, lb, d in zip(a, b, [9, 100]):
         assert la.weight.abs().max() <= d ** -0.5 and la.bias.abs().max() <= d ** -0.5
         assert torch.equal(la.weight, lb.weight) and torch.equal(la.bias, lb.bias)
+
+
+def test_outer_step_equals_a_plain_autograd_iteration():
+    """Two whole iterations (labels, inner loop, theta's Adam step) against TURTLE's loop written with nn.Linear
+    classifiers, autograd and torch.optim.Adam on the rows taken by indexing, from the same theta and inits."""
+    torch.manual_seed(1)
+    dims, k, n, gamma, M = [6, 9], 3, 50, 10.0, 4
+    phis = [torch.randn(n, d, dtype=torch.float64) * 2 for d in dims]
+    theta = model.make_turtle_encoder(dims, k).double()
+    ref_theta = model.make_turtle_encoder(dims, k).double()
+    ref_theta.load_state_dict(theta.state_dict())
+    opt, ref_opt = (torch.optim.Adam(t.parameters(), lr=0.01) for t in (theta, ref_theta))
+    for it in range(2):
+        idx = torch.randperm(n)[:35]
+        inner = turtle_step.init_inner(torch.Generator().manual_seed(it), dims, k, "cpu").double()
+        ref_inner = copies(inner)
+        losses = turtle_step.outer_step(theta, opt, inner, turtle_step.inner_adam(inner, 0.05), phis, idx, gamma, M)
+        rows = [z[idx] for z in phis]
+        labels, per_space = model.turtle_labels(ref_theta, rows)
+        plain_inner_fit(ref_inner, rows, labels.detach(), M, 0.05)
+        ref_opt.zero_grad()
+        ce = sum(torch.nn.functional.cross_entropy(w(z).detach(), labels) for w, z in zip(ref_inner, rows))
+        H = sum(torch.special.entr(p.mean(0)).sum() for p in per_space)
+        (ce - gamma * H).backward()
+        ref_opt.step()
+        torch.testing.assert_close(torch.stack(losses), torch.stack([ce - gamma * H, ce, H]).detach(), atol=1e-12,
+                                   rtol=0)
+        for a, b in zip(theta.parameters(), ref_theta.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
