@@ -145,7 +145,12 @@ def make_turtle_encoder(dims, k):
 
 def turtle_labels(theta, phis):
     """TURTLE's labels: the mean over spaces of softmax(theta_i(phi_i)); also each space's own labels."""
-    per_space = [F.softmax(head(z), dim=1) for head, z in zip(theta, phis)]  # each (n, k)
+    return mean_softmax([head(z) for head, z in zip(theta, phis)])
+
+
+def mean_softmax(logits):
+    """The mean over spaces of softmax(logits_i), and each space's softmax (each (n, k))."""
+    per_space = [F.softmax(z, dim=1) for z in logits]
     return torch.stack(per_space).mean(0), per_space
 
 

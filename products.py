@@ -4,6 +4,8 @@ and the planner that picks, on the machine it runs on, which kernel computes the
 Kernels (each also as NAME-bf16: the products read a bfloat16 copy of X and return bfloat16-rounded results):
 - "onednn": oneDNN's packed linear kernels (the ones torch.compile uses for linear layers on a CPU), X and X^T
   reordered once into their packed layout and the small operand taken as the batch; CPU only, looked up in torch.
+- "onednn_raw": the same kernels reading X where it lies (X^T a strided view): no packed copies, for an X used only
+  a few dozen times (TURTLE's batches), where packing costs more than it saves.
 - "blas": torch's matmul on X as given (MKL, OpenBLAS, cuBLAS: whatever torch was built with).
 - "blas_t": torch's matmul on a transposed copy of X for the logits, so they come out (k, m) contiguous.
 Speed depends on the CPU's instruction set (AVX2, AVX-512, AMX), the BLAS and the shapes, so nothing here is chosen
@@ -19,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("onednn", "blas", "blas_t")
+BACKENDS = ("onednn", "onednn_raw", "blas", "blas_t")
 PLAN_SECONDS = 0.15  # timing budget per candidate and layout; a whole plan stays around a second
 
 
@@ -42,14 +44,17 @@ def gemms(X, width, kernel="blas", km=False):
     Results are in X's dtype. `kernel` is one of `kernels()`; see the module docstring."""
     backend, _, low = kernel.partition("-")
     dtype = torch.bfloat16 if low == "bf16" else X.dtype
-    if backend == "onednn" and dtype not in (torch.float32, torch.bfloat16):
-        backend = "blas"  # oneDNN's packed kernels take float32 and bfloat16 only (float64 tests, references)
+    if backend.startswith("onednn") and dtype not in (torch.float32, torch.bfloat16):
+        backend = "blas"  # oneDNN's kernels take float32 and bfloat16 only (float64 tests, references)
     cast = (lambda T: T.to(X.dtype)) if dtype != X.dtype else (lambda T: T)
     Xg = X.to(dtype)
-    if backend == "onednn":
+    if backend.startswith("onednn"):
         lin = torch.ops.mkldnn._linear_pointwise
-        Xp = torch.ops.mkldnn._reorder_linear_weight(Xg, width)
-        Xtp = torch.ops.mkldnn._reorder_linear_weight(Xg.T.contiguous(), width)
+        if backend == "onednn":
+            Xp = torch.ops.mkldnn._reorder_linear_weight(Xg, width)
+            Xtp = torch.ops.mkldnn._reorder_linear_weight(Xg.T.contiguous(), width)
+        else:
+            Xp, Xtp = Xg, Xg.T
         logits_km = lambda w: lin(w.to(dtype).contiguous(), Xp, None, "none", [], "")
         grad_km = lambda G: lin(G.to(dtype).contiguous(), Xtp, None, "none", [], "")
     elif backend == "blas":

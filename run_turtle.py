@@ -22,16 +22,15 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from config import check_numbers
 from metrics import all_metrics, cv_score
-from model import export_turtle_task, make_turtle_encoder, turtle_labels, turtle_predict
 import runs
 from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
+from model import export_turtle_task, make_turtle_encoder, turtle_predict
 from runs import keep_log_until, seed_lock, start_log
+from turtle_step import init_inner, inner_adam, outer_step
 from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, make_parser,
                    run_cli, seed_everything, summary)
 
@@ -66,39 +65,6 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from turtle_checkpoint_{seed}.pt if any")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     return p
-
-
-# ---------------------------------------------------------------- the math
-
-def init_inner(gen, dims, k, dev):
-    """Inner classifiers, one nn.Linear(d_i, k) per space, with nn.Linear's init U(-1/sqrt(d), 1/sqrt(d)) drawn
-    from gen (so a resumed run draws the same ones)."""
-    inner = nn.ModuleList(nn.utils.skip_init(nn.Linear, d, k) for d in dims)
-    with torch.no_grad():
-        for lin, d in zip(inner, dims):
-            for p in lin.parameters():
-                p.copy_(torch.empty(p.shape).uniform_(-d ** -0.5, d ** -0.5, generator=gen))
-    return inner.to(dev)
-
-
-def inner_fit(inner, inner_opt, phis, labels, M):
-    """M Adam steps on sum_i CE(inner_i(phi_i), labels), labels detached: the first-order approximation, Eq. (13)."""
-    labels = labels.detach()
-    for _ in range(M):
-        inner_opt.zero_grad(set_to_none=True)
-        sum(F.cross_entropy(w(z), labels) for w, z in zip(inner, phis)).backward()
-        inner_opt.step()
-
-
-def outer_loss(theta, inner, phis, gamma):
-    """Eq. (12): sum_i CE(inner_i(phi_i), labels) with the inner logits held fixed, minus gamma x sum_i H(mean label
-    of space i). Returns (loss, prediction error, entropy)."""
-    labels, per_space = turtle_labels(theta, phis)
-    with torch.no_grad():
-        logits = [w(z) for w, z in zip(inner, phis)]
-    pred_error = sum(F.cross_entropy(lg, labels) for lg in logits)
-    entropy = sum(torch.special.entr(p.mean(0)).sum() for p in per_space)
-    return pred_error - gamma * entropy, pred_error, entropy
 
 
 # ---------------------------------------------------------------- inputs
@@ -205,7 +171,7 @@ def train(args, d):
 
     def new_inner():
         inner = init_inner(gen, dims, args.k, dev)
-        return inner, torch.optim.Adam(inner.parameters(), lr=args.inner_lr)
+        return inner, inner_adam(inner, args.inner_lr)
     inner, inner_opt = new_inner() if args.warm_start else (None, None)
     metrics_path = os.path.join(args.exp_path, f"metrics_{args.seed}.jsonl")
     start, seconds = 0, 0.0
@@ -224,14 +190,9 @@ def train(args, d):
                desc=f"TURTLE seed {args.seed}")
     for it in interruptible(bar, final_checkpoint):  # a signal takes effect between iterations
         idx = torch.randperm(n, generator=gen)[:m].to(dev)  # without replacement
-        batch = [z[idx] for z in phis]
         if not args.warm_start:
             inner, inner_opt = new_inner()  # cold start
-        inner_fit(inner, inner_opt, batch, turtle_labels(theta, batch)[0], args.M)
-        opt.zero_grad(set_to_none=True)
-        loss, pred_error, entropy = outer_loss(theta, inner, batch, args.gamma)
-        loss.backward()
-        opt.step()
+        loss, pred_error, entropy = outer_step(theta, opt, inner, inner_opt, phis, idx, args.gamma, args.M)
         if (it + 1) % args.eval_every == 0 or it + 1 == args.T:  # the only host syncs of the loop
             record = evaluation(it + 1, (loss, pred_error, entropy), theta, phis_val, d["y_val"], time.time() - t0)
             bar.set_postfix(loss=f"{record['loss']:.3f}", clusters=record["clusters_found"],

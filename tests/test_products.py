@@ -53,11 +53,11 @@ def test_oneDNN_switched_off_falls_back_to_plain_matmuls(monkeypatch):
     """torch.backends.mkldnn.enabled = False (torch's own switch): the probe turns oneDNN down with a reason, no
     kernel it turned down is planned, and the default kernel is a plain matmul."""
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    for kn in ("onednn", "onednn-bf16"):
+    for kn in ("onednn", "onednn_raw", "onednn-bf16", "onednn_raw-bf16"):
         assert products.probe(kn) is not None
     assert products.default_kernel() == "blas" and products.default_kernel(bf16=True) == "blas-bf16"
     p = products.plan(500, 250, 200, 31, 4, 3, budget=0.01)
-    assert p.kernel in ("blas", "blas_t") and set(p.unavailable) == {"onednn"}
+    assert p.kernel in ("blas", "blas_t") and set(p.unavailable) == {"onednn", "onednn_raw"}
     p16 = products.plan(500, 250, 200, 31, 4, 3, bf16=True, budget=0.01)
     assert p16.kernel in ("blas-bf16", "blas_t-bf16") and "onednn-bf16" in p16.unavailable
 
@@ -66,14 +66,14 @@ def test_plan_takes_the_fastest_per_outer_iteration(monkeypatch):
     """The choice against a brute-force minimum over the candidates of the time per outer iteration: S inner steps
     in the subset layout (one subset at a time, or two at once on one thread each), one in the shared layout.
     Timings are made up, keyed by what is timed; only the rule is tested."""
-    fake = {True: {"onednn": 1.0, "blas": 2.0, "blas_t": 0.9},          # subset layout (classes first)
-            "x2": {"onednn": 8 * 0.8, "blas": 8 * 3.0, "blas_t": 8 * 1.1},  # 2 subsets x 4 steps per call
-            False: {"onednn": 4.0, "blas": 2.5, "blas_t": 3.0}}          # shared layout
+    fake = {True: {"onednn": 1.0, "onednn_raw": 5.0, "blas": 2.0, "blas_t": 0.9},  # subset layout (classes first)
+            "x2": {"onednn": 8 * 0.8, "onednn_raw": 80.0, "blas": 8 * 3.0, "blas_t": 8 * 1.1},  # 2 x 4 steps a call
+            False: {"onednn": 4.0, "onednn_raw": 9.0, "blas": 2.5, "blas_t": 3.0}}  # shared layout
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(products, "_step", lambda kn, N, D, width, km, device, masks=1: km)
     monkeypatch.setattr(products, "_together", lambda steps, reps: "x2")
     monkeypatch.setattr(products, "_timings", lambda names, make, budget: {kn: fake[make(kn)][kn] for kn in names})
-    names = [kn for kn in ("onednn", "blas", "blas_t") if products.probe(kn) is None]
+    names = [kn for kn in ("onednn", "onednn_raw", "blas", "blas_t") if products.probe(kn) is None]
     wants = {True: ("subset", "onednn", 2), False: ("subset", "blas_t", 1)}  # with or without oneDNN here
     for S, want in ((2, wants["onednn" in names]), (4, ("shared", "blas", 1)), (10, ("shared", "blas", 1))):
         p = products.plan(150, 120, 100, 8, 3, S)

@@ -1,5 +1,5 @@
-"""run_turtle.py: TURTLE's gradients and inner loop against independent references, its files read by plain torch
-and by evaluate.py, recovery of a well-separated labeling, resume, and the bad-input table (in process)."""
+"""run_turtle.py: its files read by plain torch and by evaluate.py, recovery of a well-separated labeling, resume,
+and the bad-input table (in process). The math of an iteration: test_turtle_step.py."""
 import json
 import os
 import pickle
@@ -41,70 +41,6 @@ def run_ok(argv):
     code, out, err = cli(run_turtle.main, argv)
     assert code == 0, err
     return out, err
-
-
-# ---------------------------------------------------------------- the math, against plain references
-
-def test_outer_gradient_matches_autograd_through_plain_loss():
-    torch.manual_seed(0)
-    dims, k, n, gamma = [5, 7], 3, 30, 10.0
-    phis = [torch.randn(n, d, dtype=torch.float64) for d in dims]
-    theta = model.make_turtle_encoder(dims, k).double()
-    inner = [torch.nn.Linear(d, k).double() for d in dims]
-    run_turtle.outer_loss(theta, inner, phis, gamma)[0].backward()
-    # the same loss written out: W = g v / ||v|| per row, labels = mean softmax, CE to fixed inner logits
-    g = [h.parametrizations.weight.original0.detach().clone().requires_grad_() for h in theta]
-    v = [h.parametrizations.weight.original1.detach().clone().requires_grad_() for h in theta]
-    b = [h.bias.detach().clone().requires_grad_() for h in theta]
-    probs = [torch.softmax(z @ (g_ * v_ / v_.norm(dim=1, keepdim=True)).T + b_, 1)
-             for z, g_, v_, b_ in zip(phis, g, v, b)]
-    labels = sum(probs) / len(probs)
-    ce = sum(-(labels * torch.log_softmax(z @ w.weight.detach().T + w.bias.detach(), 1)).sum(1).mean()
-             for z, w in zip(phis, inner))
-    H = sum(-(p.mean(0) * p.mean(0).log()).sum() for p in probs)
-    (ce - gamma * H).backward()
-    for i, h in enumerate(theta):
-        assert torch.allclose(h.parametrizations.weight.original0.grad, g[i].grad, atol=1e-12)
-        assert torch.allclose(h.parametrizations.weight.original1.grad, v[i].grad, atol=1e-12)
-        assert torch.allclose(h.bias.grad, b[i].grad, atol=1e-12)
-
-
-def test_inner_loop_equals_hand_written_adam():
-    rng = np.random.default_rng(1)
-    dims, k, n, M, lr = [4, 6], 3, 25, 7, 0.05
-    phis = [rng.normal(size=(n, d)) for d in dims]
-    labels = rng.dirichlet(np.ones(k), size=n)
-    inner = torch.nn.ModuleList(torch.nn.Linear(d, k).double() for d in dims)
-    params = [[lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy()] for lin in inner]
-    opt = torch.optim.Adam(inner.parameters(), lr=lr)
-    run_turtle.inner_fit(inner, opt, [torch.from_numpy(z) for z in phis],
-                         torch.from_numpy(labels).requires_grad_(), M)
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    m_ = [[np.zeros_like(p) for p in ps] for ps in params]
-    v_ = [[np.zeros_like(p) for p in ps] for ps in params]
-    for t in range(1, M + 1):
-        for s, z in enumerate(phis):
-            W, c = params[s]
-            logits = z @ W.T + c
-            p = np.exp(logits - logits.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            dlogits = (p - labels) / n  # gradient of the mean soft-label cross-entropy
-            for j, grad in enumerate([dlogits.T @ z, dlogits.sum(0)]):
-                m_[s][j] = b1 * m_[s][j] + (1 - b1) * grad
-                v_[s][j] = b2 * v_[s][j] + (1 - b2) * grad ** 2
-                params[s][j] = params[s][j] - lr * (m_[s][j] / (1 - b1 ** t)) / (
-                    np.sqrt(v_[s][j] / (1 - b2 ** t)) + eps)
-    for lin, (W, c) in zip(inner, params):
-        np.testing.assert_allclose(lin.weight.detach().numpy(), W, atol=1e-10)
-        np.testing.assert_allclose(lin.bias.detach().numpy(), c, atol=1e-10)
-
-
-def test_inner_init_is_nn_linear_range_and_reproducible():
-    a = run_turtle.init_inner(torch.Generator().manual_seed(5), [9, 100], 4, "cpu")
-    b = run_turtle.init_inner(torch.Generator().manual_seed(5), [9, 100], 4, "cpu")
-    for la, lb, d in zip(a, b, [9, 100]):
-        assert la.weight.abs().max() <= d ** -0.5 and la.bias.abs().max() <= d ** -0.5
-        assert torch.equal(la.weight, lb.weight) and torch.equal(la.bias, lb.bias)
 
 
 # ---------------------------------------------------------------- files
