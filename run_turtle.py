@@ -264,7 +264,8 @@ def finish(args, d, theta, seconds):
     cv = float(np.mean([score(a, cv_preds, args.device) for a in cv_on]))  # several spaces: the mean, as TURTLE
     cv_seconds = round(time.time() - t0, 3)
     results = {"CV_Score": cv, "preds": preds, "args": vars(args), "seconds": seconds, "cv_seconds": cv_seconds,
-               "method": "turtle", "phi_paths": d["paths"], "phi_paths_val": d["paths_val"], "gt_labels_path": d["y_path"]}
+               "method": "turtle", "phi_paths": d["paths"], "phi_paths_val": d["paths_val"],
+               "gt_labels_path": d["y_path"]}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
     torch_save(export_turtle_task(theta), os.path.join(args.exp_path, f"turtle_task_{args.seed}.pt"))
