@@ -153,3 +153,34 @@ def test_a_training_part_with_one_class_predicts_that_class(score):
     # three folds of one point: leaving out x=0 or x=0.5, the other two points put the boundary between 0.5 and
     # 3, right; leaving out the only 1, the training part holds only 0s and predicts 0, wrong
     assert score(X, y) == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- run_turtle.py --cross_val
+
+@pytest.mark.parametrize("cross_val", [True, False])
+def test_run_turtle_cross_val_is_turtles_score_on_the_training_points(tmp_path, cross_val):
+    """With --cross_val: TURTLE's definition on the training points, mean over the spaces; without: the paper's on
+    the evaluation points. Predictions rebuilt from the saved heads with plain torch (mean of the softmaxes)."""
+    import torch
+    import run_turtle
+    from helpers import blobs as blob_problem, save_npy
+    phi1, phi2, _ = blob_problem(n=160, k=3, d1=8, d2=6, seed=4)
+    folder, out = str(tmp_path / "data"), str(tmp_path / "run")
+    p = {name: save_npy(folder, name, a) for name, a in
+         [("phi1", phi1[:120]), ("phi2", phi2[:120]), ("phi1_val", phi1[120:]), ("phi2_val", phi2[120:])]}
+    res = run_turtle.main(["--phi_paths", p["phi1"], p["phi2"], "--phi_paths_val", p["phi1_val"], p["phi2_val"],
+                           "--k", "3", "--T", "30", "--M", "2", "--eval_every", "10", "--outer_lr", "0.01",
+                           "--device", "cpu", "--quiet", "--exp_path", out, "--seed", "0"] +
+                          (["--cross_val"] if cross_val else []))
+    state = torch.load(f"{out}/turtle_task_0.pt", weights_only=True)
+    spaces = [phi1[:120], phi2[:120]] if cross_val else [phi1[120:], phi2[120:]]
+    probs = []
+    for key, z in zip(("phi1", "phi2"), spaces):
+        head = torch.nn.Linear(z.shape[1], 3)
+        head.load_state_dict(state[key])
+        probs.append(torch.softmax(head(torch.from_numpy(z)), 1))
+    preds = (sum(probs) / 2).argmax(1).numpy()
+    reference = turtle_cv if cross_val else paper_cv
+    assert len(np.unique(preds)) >= 2  # a labeling worth scoring
+    assert res["CV_Score"] == pytest.approx(np.mean([reference(z, preds) for z in spaces]), abs=0.01)
+    assert res["cv_seconds"] >= 0
