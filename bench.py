@@ -173,7 +173,7 @@ def run_job(job):
 CV_SIZES = {"demo": [None], "paper": [1536], "two_spaces": [768, 1536]}  # dims of the spaces; None: the demo
 
 
-def time_cv_scores(sizes, device, n=10000):
+def time_cv_scores(sizes, n=10000):
     """Seconds of the CV score (summed over the spaces) and the scores, ours beside scikit-learn's."""
     import warnings
     from sklearn.linear_model import LogisticRegression
@@ -186,7 +186,7 @@ def time_cv_scores(sizes, device, n=10000):
                   for d in CV_SIZES[size]]
         y = (spaces[-1] @ rng.standard_normal((spaces[-1].shape[1], 10))).argmax(1)
         t0 = time.perf_counter()
-        ours = np.mean([cv_score(x, y, device) for x in spaces])
+        ours = np.mean([cv_score(x, y) for x in spaces])
         t1 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -225,7 +225,7 @@ def main():
         for s in sizes:
             if s not in CV_SIZES:
                 p.error(f"--cv_score {s}: not one of {', '.join(CV_SIZES)}")
-        return time_cv_scores(sizes, a.device)
+        return time_cv_scores(sizes)
     rate, bw = gemm_rate(a.device), copy_bandwidth(a.device)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")

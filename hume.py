@@ -153,7 +153,7 @@ def finish(cfg, data, steps, encoder, state):
     """Predictions on the evaluation set, the label-free CV score, and the paper's two files (atomic)."""
     preds = predict(encoder.weight, Rows(data.phi1_val, cfg.device, cfg.normalize))
     t0 = time.time()
-    cv = float(np.mean([cv_score(p, preds, cfg.device) for p in data.phi2_val]))  # several spaces: mean over them
+    cv = float(np.mean([cv_score(p, preds) for p in data.phi2_val]))  # several spaces: mean over them
     cv_seconds = round(time.time() - t0, 3)
     scales = [s.scale for s in steps]
     results = {"CV_Score": cv, "preds": preds, "args": dict(dataclasses.asdict(cfg), phi2_scale=scales[0] if

@@ -261,7 +261,7 @@ def finish(args, d, theta, seconds):
     cv_preds = turtle_predict(theta, on_device(cv_on)) if args.cross_val else preds
     score = turtle_cv_score if args.cross_val else cv_score
     t0 = time.time()
-    cv = float(np.mean([score(a, cv_preds, args.device) for a in cv_on]))  # several spaces: the mean, as TURTLE
+    cv = float(np.mean([score(a, cv_preds) for a in cv_on]))  # several spaces: the mean, as TURTLE
     cv_seconds = round(time.time() - t0, 3)
     results = {"CV_Score": cv, "preds": preds, "args": vars(args), "seconds": seconds, "cv_seconds": cv_seconds,
                "method": "turtle", "phi_paths": d["paths"], "phi_paths_val": d["paths_val"],
