@@ -6,6 +6,7 @@
     python bench.py --scale imagenet --num_subsets 1 --adaptation_steps 5,20    # memory growth per inner step
     python bench.py --scale paper --device cuda --json bench.json
     python bench.py --scale paper --num_subsets 4 --adaptation_steps 50 --methods adjoint --nproc 1,2  # torchrun
+    python bench.py --cv_score demo,paper,two_spaces    # the label-free CV score, ours beside scikit-learn's
 
 Each (scale, method, steps) runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS over the RSS
 after the data is loaded; GPU: torch.cuda.max_memory_allocated). The machine's sustained GEMM rate (a 2048^3
@@ -16,6 +17,9 @@ bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at t
 L3 cache, so the subset layout may read it faster than memory streams. "MiB/step": growth of peak memory per inner
 step between the step counts given (--adaptation_steps 100,300), else peak / T. Method "bf16" is the adjoint with
 --bf16; its row also gives the relative error of its hypergradient against float32 on the same subsets.
+--cv_score times the label-free score instead (cvscore.cv_score beside the paper's scikit-learn cross_val_score with
+n_jobs=-1, same process) on a separable labeling (argmax of a random linear map of the space: every fold runs all its
+iterations): the demo's evaluation set, 10,000 x 1,536 (hume.py at CIFAR-10 size) and two spaces of 768 and 1,536.
 """
 import argparse
 import json
@@ -182,6 +186,34 @@ def run_job(job):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+CV_SIZES = {"demo": [None], "paper": [1536], "two_spaces": [768, 1536]}  # dims of the spaces; None: the demo
+
+
+def time_cv_scores(sizes, n=10000):
+    """Seconds of the CV score (summed over the spaces) and the scores, ours beside scikit-learn's."""
+    import warnings
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, cross_val_score
+    from cvscore import cv_score
+    rng = np.random.default_rng(0)
+    print(f"{'CV score':11} {'spaces':>14} {'ours s':>8} {'sklearn s':>9} {'speed-up':>8} {'ours':>7} {'sklearn':>7}")
+    for size in sizes:
+        spaces = [np.load(DEMO["phi2_test"]) if d is None else rng.standard_normal((n, d), dtype=np.float32)
+                  for d in CV_SIZES[size]]
+        y = (spaces[-1] @ rng.standard_normal((spaces[-1].shape[1], 10))).argmax(1)
+        t0 = time.perf_counter()
+        ours = np.mean([cv_score(x, y) for x in spaces])
+        t1 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = np.mean([cross_val_score(LogisticRegression(C=np.inf), x, y, n_jobs=-1,
+                                           cv=KFold(10, shuffle=True, random_state=1)).mean() for x in spaces])
+        t2 = time.perf_counter()
+        dims = "+".join(str(x.shape[1]) for x in spaces)
+        print(f"{size:11} {f'{len(y)} x {dims}':>14} {t1 - t0:8.2f} {t2 - t1:9.2f} {(t2 - t1) / (t1 - t0):7.2f}x "
+              f"{ours:7.4f} {ref:7.4f}", flush=True)
+
+
 def main():
     p = make_parser(__doc__)
     p.add_argument("--scale", nargs="+", choices=list(SCALES), default=["demo"], help="named problem sizes")
@@ -197,11 +229,19 @@ def main():
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     p.add_argument("--nproc", default="1", help="comma list of process counts (torchrun) to report scaling")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--cv_score", help="comma list of demo, paper, two_spaces: time the label-free CV score there, "
+                   "ours beside scikit-learn's, instead of the outer iterations (scikit-learn's takes minutes)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._worker:
         print(json.dumps(worker(json.loads(a._worker))))
         return
+    if a.cv_score:
+        sizes = a.cv_score.split(",")
+        for s in sizes:
+            if s not in CV_SIZES:
+                p.error(f"--cv_score {s}: not one of {', '.join(CV_SIZES)}")
+        return time_cv_scores(sizes)
     rate, bw = gemm_rate(a.device), copy_bandwidth(a.device)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")

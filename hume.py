@@ -30,7 +30,8 @@ import inner_lr
 import outer
 import products
 from inputs import Rows, load_data
-from metrics import all_metrics, cv_score
+from cvscore import cv_score
+from metrics import all_metrics
 from model import init_inner, make_task_encoder, predict, sample_subsets
 import runs
 from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
@@ -182,11 +183,13 @@ def resume_hint(cfg):
 def finish(cfg, data, steps, encoder, state):
     """Predictions on the evaluation set, the label-free CV score, and the paper's two files (atomic)."""
     preds = predict(encoder.weight, Rows(data.phi1_val, cfg.device, cfg.normalize))
+    t0 = time.time()
     cv = float(np.mean([cv_score(p, preds) for p in data.phi2_val]))  # several spaces: mean over them
+    cv_seconds = round(time.time() - t0, 3)
     scales = [s.scale for s in steps]
     results = {"CV_Score": cv, "preds": preds, "args": dict(dataclasses.asdict(cfg), phi2_scale=scales[0] if
                                                             len(scales) == 1 else scales),
-               "seconds": state["seconds"], "inner_lr": inner_lrs(steps),
+               "seconds": state["seconds"], "cv_seconds": cv_seconds, "inner_lr": inner_lrs(steps),
                "inner_fit": {"first": state.get("inner_fit_first"), "last": state.get("inner_fit_last")}}
     if data.y_val is not None:
         results["metrics"] = all_metrics(data.y_val, preds)

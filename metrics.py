@@ -1,8 +1,8 @@
-"""Scores of a labeling: clustering accuracy (Hungarian matching), ARI, NMI; aligning and ensembling labelings; and
-HUME's label-free generalisation score (the CV score). Labels may be any integers; cluster and class counts may differ.
+"""Scores of a labeling against ground truth: clustering accuracy (Hungarian matching), ARI, NMI; aligning and
+ensembling labelings. Labels may be any integers; cluster and class counts may differ. (The label-free CV score lives
+in cvscore.py.)
 """
 import math
-import warnings
 
 import numpy as np
 
@@ -59,34 +59,6 @@ def majority_vote(labelings):
     for row in inv:
         counts[row, np.arange(labelings.shape[1])] += 1
     return ids[counts.argmax(0)]
-
-
-def cv_score(features, y_pred, folds=10, seed=1):
-    """HUME's label-free generalisation score: 10-fold CV accuracy of an unregularised multinomial logistic
-    regression that predicts the task's labels from phi2 (KFold, shuffled, fixed seed).
-
-    Always a number in [0, 1], never NaN: a constant labeling (or fewer than 2 points) scores 0.0; with fewer
-    points than folds each point is its own fold (k = n included); a fold whose training part holds a single
-    class (a class too small for the folds) is scored as predicting that class for its held-out points."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import KFold
-    y_pred = np.asarray(y_pred)
-    if len(y_pred) < 2 or len(np.unique(y_pred)) < 2:
-        return 0.0  # a constant labeling carries no information: score it as worst
-    features = np.asarray(features)
-    cv = KFold(n_splits=min(folds, len(y_pred)), shuffle=True, random_state=seed)
-    scores = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", UserWarning)  # folds missing a rare class
-        for tr, te in cv.split(features):
-            if len(np.unique(y_pred[tr])) < 2:
-                scores.append(float(np.mean(y_pred[te] == y_pred[tr][0])))
-                continue
-            clf = LogisticRegression(C=np.inf, max_iter=1000).fit(features[tr], y_pred[tr])
-            scores.append(float(np.mean(clf.predict(features[te]) == y_pred[te])))
-    return float(np.mean(scores))
 
 
 def align_tasks(preds, cv):

@@ -119,6 +119,8 @@ def log(msg, quiet=False):
 def summary(seconds, results):
     """The last line of a run: time, label-free CV score and, with labels, ACC/ARI/NMI."""
     line = f"done in {seconds:.1f}s: CV score {results['CV_Score']:.4f}"
+    if "cv_seconds" in results:
+        line += f" (scored in {results['cv_seconds']:.1f}s)"
     if "metrics" in results:
         line += " | " + " ".join(f"{k.upper()} {v:.4f}" for k, v in results["metrics"].items())
     return line
