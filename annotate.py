@@ -29,8 +29,8 @@ from metrics import cluster_acc, ensemble
 from model import find_tasks, task_predictions
 from selection import allocate, pick
 from files import atomic_write, check_output_file, json_save
-from utils import (DEMO, HumeError, check_rows, int_in, l2_normalize, load_array, load_labels, log, make_parser, run_cli,
-                   warn)
+from utils import (DEMO, HumeError, check_rows, int_in, l2_normalize, load_array, load_labels, log, make_parser,
+                   run_cli, warn)
 
 
 def build_parser():
@@ -118,7 +118,7 @@ def read_labels_csv(path, clusters):
     labelled = {}
     for line, row in enumerate(rows, start=2):
         text = (row["index"] or "").strip()
-        if not text.isdigit() or int(text) >= len(clusters):
+        if not text.isascii() or not text.isdigit() or int(text) >= len(clusters):  # '²'.isdigit(), int('²') fails
             raise HumeError(f"--apply {path} line {line}: index {text!r} is not a point index (0 to "
                             f"{len(clusters) - 1}); the indices are rows of --phi1_path/--phi2_path")
         i = int(text)

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--std", type=positive_float, nargs=3, help="normalisation std (default: the weights' or the timm "
                                                       "model's, else ImageNet)")
     p.add_argument("--batch_size", type=int_in(1), default=256)
-    p.add_argument("--num_workers", type=int_in(0), default=min(8, os.cpu_count() or 1), help="image-decoding processes")
+    p.add_argument("--num_workers", type=int_in(0), default=min(8, os.cpu_count() or 1),
+                   help="image-decoding processes")
     p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--amp", action="store_true",
                    help="autocast the model to bfloat16 on CPU, float16 on CUDA (features are stored as float32)")

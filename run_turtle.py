@@ -44,7 +44,8 @@ def build_parser():
                    "none: label and report the training points (transductive)")
     p.add_argument("--gt_labels_path", help="labels of the evaluation points, used only to report metrics")
     p.add_argument("--k", type=int_in(2), default=10, help="number of classes of the labeling searched for")
-    p.add_argument("--gamma", type=nonnegative_float, default=10.0, help="weight of the entropy (balance) term, Eq. (12)")
+    p.add_argument("--gamma", type=nonnegative_float, default=10.0,
+                   help="weight of the entropy (balance) term, Eq. (12)")
     p.add_argument("--T", type=int_in(0), default=6000, help="outer iterations")
     p.add_argument("--inner_lr", type=positive_float, default=0.001, help="Adam step size of the inner classifiers")
     p.add_argument("--outer_lr", type=positive_float, default=0.001, help="Adam step size of the task encoder")
