@@ -29,7 +29,8 @@ from metrics import cluster_acc, ensemble
 from model import find_tasks, task_predictions
 from selection import allocate, pick
 from files import atomic_write, check_output_file, json_save
-from utils import DEMO, HumeError, check_rows, l2_normalize, load_array, load_labels, log, make_parser, run_cli, warn
+from utils import (DEMO, HumeError, check_rows, int_in, l2_normalize, load_array, load_labels, log, make_parser,
+                   run_cli, warn)
 
 
 def build_parser():
@@ -39,12 +40,12 @@ def build_parser():
     p.add_argument("--phi2_path", help="phi2 of the same points (picks are made there); default: the demo's test")
     p.add_argument("--phi_paths", nargs="+", help="TURTLE tasks (run_turtle.py): every space's array of the same "
                    "points, in the training order; default: --phi2_path alone")
-    p.add_argument("--budget", type=int, help="how many samples the human will label (pick mode)")
+    p.add_argument("--budget", type=int_in(1), help="how many samples the human will label (pick mode)")
     p.add_argument("--apply", metavar="LABELS.csv", help="a CSV with columns index,label: name the clusters and "
                    "write the full labeling")
     p.add_argument("--simulate", action="store_true", help="let --gt_labels_path play the human: ACC of the named "
                    "labeling for each --per_cluster budget")
-    p.add_argument("--per_cluster", type=int, nargs="+", default=[1, 2, 5],
+    p.add_argument("--per_cluster", type=int_in(1), nargs="+", default=[1, 2, 5],
                    help="--simulate: budgets, in labels per cluster")
     p.add_argument("--gt_labels_path", help="--simulate: the true labels of the points; default: the demo's test "
                    "labels when no path is given")
@@ -117,7 +118,7 @@ def read_labels_csv(path, clusters):
     labelled = {}
     for line, row in enumerate(rows, start=2):
         text = (row["index"] or "").strip()
-        if not text.isdigit() or int(text) >= len(clusters):
+        if not text.isascii() or not text.isdigit() or int(text) >= len(clusters):  # '²'.isdigit(), int('²') fails
             raise HumeError(f"--apply {path} line {line}: index {text!r} is not a point index (0 to "
                             f"{len(clusters) - 1}); the indices are rows of --phi1_path/--phi2_path")
         i = int(text)
@@ -196,8 +197,6 @@ def main(argv=None):
         raise HumeError("--simulate needs --gt_labels_path (the true labels play the human)")
     if args.budget is not None and not 1 <= args.budget <= len(phi1):
         raise HumeError(f"--budget must be between 1 and the number of points ({len(phi1)}), got {args.budget}")
-    if args.simulate and min(args.per_cluster) < 1:
-        raise HumeError(f"--per_cluster values must be >= 1, got {args.per_cluster}")
     y = load_labels(labels_path, "--gt_labels_path", len(phi1)) if args.simulate else None
     if args.budget is not None or args.apply:  # every output checked before the work
         check_output_file(args.out or ("picks.csv" if args.budget is not None else "named_labels.npy"), "--out")

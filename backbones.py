@@ -219,9 +219,23 @@ def create_timm(arch, pretrained, image_size):
     return timm.create_model(arch, pretrained=pretrained)
 
 
+def classifier_keys(model):
+    """The state_dict keys of a timm model's classifier (what a file saved with num_classes=0 lacks)."""
+    head = model.get_classifier()
+    names = [name for name, module in model.named_modules() if module is head]
+    return {f"{names[0]}.{k}" for k in head.state_dict()} if names and names[0] else set()
+
+
 def load_timm_file(model, path, arch):
-    """Load a state_dict of exactly this timm model (as timm saves it, e.g. the hub's model.safetensors)."""
+    """Load a state_dict of exactly this timm model (as timm saves it, e.g. the hub's model.safetensors), with or
+    without its classifier: feature checkpoints are usually saved from num_classes=0 models, and the features
+    (pre-logits) never use the classifier."""
     sd, own = read_tensors(path), model.state_dict()
+    head = classifier_keys(model)
+    if head and not head & sd.keys() and own.keys() - head <= sd.keys():  # headless: drop ours too
+        model.reset_classifier(0)
+        own = model.state_dict()
+        log(f"{path} holds no classifier (saved with num_classes=0): loaded without one")
     bad = [f"{k} has shape {tuple(sd[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
            if k in sd and sd[k].shape != v.shape]
     bad += [f"{k} is missing from the file" for k in own if k not in sd]

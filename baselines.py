@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from metrics import all_metrics
 from files import check_output_file, json_save
-from utils import DEMO, HumeError, load_array, load_labels, log, make_parser, run_cli, warn
+from utils import (DEMO, HumeError, int_in, load_array, load_labels, log, make_parser, nonnegative_float,
+                   positive_float, run_cli, seed_int, warn)
 
 
 def build_parser():
@@ -46,16 +47,16 @@ def build_parser():
     p.add_argument("--gt_labels_path", help="labels of the evaluation points, for scoring")
     p.add_argument("--gt_labels_path_train", help="labels of --phi_path's points (the probe's training labels); "
                    "transductive: defaults to --gt_labels_path")
-    p.add_argument("--k", type=int, default=10, help="number of clusters (kmeans, sinkhorn)")
-    p.add_argument("--seed", type=int, default=42, help="seeds k-means and the Sinkhorn classifier")
-    p.add_argument("--lambda", dest="lam", type=float, default=25.0,
+    p.add_argument("--k", type=int_in(2), default=10, help="number of clusters (kmeans, sinkhorn)")
+    p.add_argument("--seed", type=seed_int, default=42, help="seeds k-means and the Sinkhorn classifier")
+    p.add_argument("--lambda", dest="lam", type=positive_float, default=25.0,
                    help="sinkhorn: inverse temperature of the label update Q ~ P^lambda (SeLa's default)")
-    p.add_argument("--rounds", type=int, default=40, help="sinkhorn: label updates")
-    p.add_argument("--epochs", type=int, default=2, help="sinkhorn: classifier epochs after each label update")
-    p.add_argument("--lr", type=float, default=0.01, help="sinkhorn: Adam step size of the linear classifier")
-    p.add_argument("--weight_decay", type=float, default=3.0,
+    p.add_argument("--rounds", type=int_in(1), default=40, help="sinkhorn: label updates")
+    p.add_argument("--epochs", type=int_in(1), default=2, help="sinkhorn: classifier epochs after each label update")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="sinkhorn: Adam step size of the linear classifier")
+    p.add_argument("--weight_decay", type=nonnegative_float, default=3.0,
                    help="sinkhorn: L2 penalty on the classifier (Adam weight_decay), on standardised features")
-    p.add_argument("--batch_size", type=int, default=256, help="sinkhorn: mini-batch size")
+    p.add_argument("--batch_size", type=int_in(1), default=256, help="sinkhorn: mini-batch size")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     return p
@@ -141,15 +142,6 @@ def check_args(args):
         raise HumeError("--gt_labels_path is missing: baselines only report metrics, give the evaluation labels")
     if args.method == "probe" and args.phi_path_val and not args.gt_labels_path_train:
         raise HumeError("--method probe with --phi_path_val needs --gt_labels_path_train (labels of --phi_path)")
-    for flag, v, lo in (("--k", args.k, 2), ("--rounds", args.rounds, 1), ("--epochs", args.epochs, 1),
-                        ("--batch_size", args.batch_size, 1)):
-        if v < lo:
-            raise HumeError(f"{flag} must be >= {lo}, got {v}")
-    for flag, v in (("--lambda", args.lam), ("--lr", args.lr)):
-        if not v > 0:
-            raise HumeError(f"{flag} must be > 0, got {v}")
-    if args.weight_decay < 0:
-        raise HumeError(f"--weight_decay must be >= 0, got {args.weight_decay}")
 
 
 def load_data(args):

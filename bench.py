@@ -36,7 +36,7 @@ import outer
 import products
 from inputs import Rows
 from model import init_inner, make_task_encoder, sample_subsets
-from utils import DEMO, make_parser
+from utils import DEMO, default_device, device, int_in, make_parser
 
 SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
     "demo": dict(n=None, d1=None, d2=None, k=10, subset_size=10000, train_fraction=0.9, S=5, T=100),
@@ -219,13 +219,13 @@ def main():
     p.add_argument("--scale", nargs="+", choices=list(SCALES), default=["demo"], help="named problem sizes")
     p.add_argument("--methods", default="adjoint,unrolled,first_order",
                    help="comma list of methods to time: adjoint, bf16 (adjoint with --bf16), unrolled, first_order")
-    p.add_argument("--n", type=int, help="number of synthetic points (paper/imagenet); subsets covering most "
+    p.add_argument("--n", type=int_in(2), help="number of synthetic points (paper/imagenet); subsets covering most "
                    "points switch the engine to wide shared GEMMs")
-    p.add_argument("--num_subsets", type=int, help="override the scale's subsets per outer iteration")
+    p.add_argument("--num_subsets", type=int_in(1), help="override the scale's subsets per outer iteration")
     p.add_argument("--adaptation_steps", help="override the scale's inner steps; a comma list measures each")
-    p.add_argument("--iters", type=int, default=2, help="timed outer iterations (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed outer iterations first")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int_in(1), default=2, help="timed outer iterations (median reported)")
+    p.add_argument("--warmup", type=int_in(0), default=1, help="untimed outer iterations first")
+    p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     p.add_argument("--nproc", default="1", help="comma list of process counts (torchrun) to report scaling")
     p.add_argument("--json", help="also write the results to this file")

@@ -3,13 +3,11 @@ and the Settings they resolve to. Resolved once after validation and passed expl
 select_k.py reuses the parser to check the flags it passes on to hume.py.
 """
 import dataclasses
-import math
-
-import torch
 
 import products
 from inner_lr import inner_lr_type
-from utils import DEMO, HumeError, make_parser
+from utils import (DEMO, HumeError, default_device, device, finite_float, int_in, make_parser,
+                   nonnegative_float, positive_float, seed_int)
 
 
 def build_parser(doc):
@@ -20,27 +18,27 @@ def build_parser(doc):
     p.add_argument("--phi1_path_val", help="phi1 of the evaluation points (inductive); give with --phi2_path_val")
     p.add_argument("--phi2_path_val", nargs="+", help="phi2 of the evaluation points, one per --phi2_path")
     p.add_argument("--gt_labels_path", help="labels of the evaluation points, used only to report metrics")
-    p.add_argument("--k", type=int, default=10, help="number of classes of the labeling searched for")
+    p.add_argument("--k", type=int_in(2), default=10, help="number of classes of the labeling searched for")
     p.add_argument("--inner_lr", type=inner_lr_type, default=0.001,
                    help="step size of the inner gradient descent; 'auto' = 1/lambda_max of phi2's second moment, "
                    "one per space (use it for embeddings with unit-norm rows)")
-    p.add_argument("--outer_lr", type=float, default=0.001, help="Adam step size for the task encoder")
-    p.add_argument("--tau", type=float, default=0.1, help="temperature of the sparsemax labels")
-    p.add_argument("--H_reg", type=float, default=10.0, help="weight of the entropy (balance) term")
-    p.add_argument("--num_iters", type=int, default=1000, help="outer iterations")
-    p.add_argument("--adaptation_steps", type=int, default=300, help="inner gradient steps per subset")
-    p.add_argument("--num_subsets", type=int, default=20, help="subsets averaged per outer step")
-    p.add_argument("--subset_size", type=int, default=10000, help="points per subset, X_tr + X_te (capped at n)")
-    p.add_argument("--train_fraction", type=float, default=0.9, help="share of a subset used as X_tr")
+    p.add_argument("--outer_lr", type=positive_float, default=0.001, help="Adam step size for the task encoder")
+    p.add_argument("--tau", type=positive_float, default=0.1, help="temperature of the sparsemax labels")
+    p.add_argument("--H_reg", type=nonnegative_float, default=10.0, help="weight of the entropy (balance) term")
+    p.add_argument("--num_iters", type=int_in(0), default=1000, help="outer iterations")
+    p.add_argument("--adaptation_steps", type=int_in(1), default=300, help="inner gradient steps per subset")
+    p.add_argument("--num_subsets", type=int_in(1), default=20, help="subsets averaged per outer step")
+    p.add_argument("--subset_size", type=int_in(2), default=10000, help="points per subset, X_tr + X_te (capped at n)")
+    p.add_argument("--train_fraction", type=finite_float, default=0.9, help="share of a subset used as X_tr")
     p.add_argument("--no_anneal", action="store_true", help="no outer-lr/tau annealing at iterations 100 and 200")
     p.add_argument("--no_rand_init", action="store_true", help="one fixed inner init w0 instead of a fresh one")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device, default=default_device(), help="torch device")
     p.add_argument("--exp_path", default="./linear_tasks/", help="output folder (created)")
     p.add_argument("--save_all", action="store_true", help="also save the task encoder at every iteration")
-    p.add_argument("--seed", type=int, default=42, help="seeds python, numpy and torch")
+    p.add_argument("--seed", type=seed_int, default=42, help="seeds python, numpy and torch")
     # beyond the paper
-    p.add_argument("--eval_every", type=int, default=20, help="evaluate and log metrics every N iterations")
-    p.add_argument("--ckpt_every", type=int, default=50, help="write checkpoint_{seed}.pt every N iterations")
+    p.add_argument("--eval_every", type=int_in(1), default=20, help="evaluate and log metrics every N iterations")
+    p.add_argument("--ckpt_every", type=int_in(1), default=50, help="write checkpoint_{seed}.pt every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_{seed}.pt in --exp_path if any")
     p.add_argument("--hypergrad", choices=["adjoint", "unrolled"], default="adjoint",
                    help="adjoint: batched, stores only inner iterates; unrolled: autograd graph (the paper's way)")
@@ -107,37 +105,10 @@ class Settings:
         return self.phi1_path_val is not None
 
 
-def check_numbers(finite, positive, at_least, seed, device):
-    """The checks every script's numeric flags share: finite floats ({flag: value}), positive ones, integers at
-    least a bound ({flag: (value, bound)}), a seed numpy accepts and a usable device; one line naming the flag."""
-    for flag, v in {**finite, **positive}.items():
-        if not math.isfinite(v):
-            raise HumeError(f"{flag} must be a finite number, got {v}")
-    for flag, v in positive.items():
-        if not v > 0:
-            raise HumeError(f"{flag} must be > 0, got {v}")
-    for flag, (v, lo) in at_least.items():
-        if v < lo:
-            raise HumeError(f"{flag} must be >= {lo}, got {v}")
-    if not 0 <= seed < 2 ** 32:
-        raise HumeError(f"--seed must be between 0 and 2**32 - 1 (numpy's range), got {seed}")
-    check_device(device)
-
-
 def check_args(args):
     """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
-    positive = {"--outer_lr": args.outer_lr, "--tau": args.tau}
-    if args.inner_lr != "auto":
-        positive["--inner_lr"] = args.inner_lr
-    check_numbers({"--H_reg": args.H_reg, "--train_fraction": args.train_fraction}, positive,
-                  {"--num_iters": (args.num_iters, 0), "--adaptation_steps": (args.adaptation_steps, 1),
-                   "--num_subsets": (args.num_subsets, 1), "--subset_size": (args.subset_size, 2),
-                   "--eval_every": (args.eval_every, 1), "--ckpt_every": (args.ckpt_every, 1), "--k": (args.k, 2)},
-                  args.seed, args.device)
     if not 0 < args.train_fraction < 1:
         raise HumeError(f"--train_fraction must be between 0 and 1 (exclusive), got {args.train_fraction}")
-    if args.H_reg < 0:
-        raise HumeError(f"--H_reg must be >= 0, got {args.H_reg}")
     if (args.phi1_path_val is None) != (args.phi2_path_val is None):
         raise HumeError("give both --phi1_path_val and --phi2_path_val (inductive) or neither (transductive)")
     if (args.phi1_path is None) != (args.phi2_path is None):
@@ -152,24 +123,6 @@ def check_args(args):
     if args.phi2_path and args.phi2_path_val and len(args.phi2_path) != len(args.phi2_path_val):
         raise HumeError(f"{len(args.phi2_path)} --phi2_path files but {len(args.phi2_path_val)} --phi2_path_val "
                         "files; give one evaluation file per phi2 space, in the same order")
-
-
-def check_device(name):
-    """Only devices torch can run HUME on here: cpu, cuda[:i] when CUDA is there, mps when available."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise HumeError(f"--device {name}: not a torch device; use cpu or cuda") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HumeError(f"--device {name}: CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise HumeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise HumeError(f"--device {name}: MPS is not available here; use --device cpu")
-    elif dev.type != "cpu":
-        raise HumeError(f"--device {name}: HUME runs on cpu, cuda or mps, not {dev.type}")
 
 
 def settings(args):

@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from backbones import build_backbone
 from files import OutputGroup, check_output_file, ensure_dir, restricted_load
-from utils import HumeError, l2_normalize, log, make_parser, run_cli
+from images import CarryErrors, Failed, check_image_files, collate, read_image
+from utils import (HumeError, default_device, device, finite_float, int_in, l2_normalize, log, make_parser,
+                   positive_float, run_cli, seed_int, source_problem)
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any
@@ -45,7 +47,7 @@ def parse_args(argv=None):
                    help="traintest = train then test, for the transductive setting; unlabeled: stl10 only; "
                         "imagefolder and fake: only names the output")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set into --root")
-    p.add_argument("--fake_size", type=int, default=1000, help="number of images of --dataset fake")
+    p.add_argument("--fake_size", type=int_in(1), default=1000, help="number of images of --dataset fake")
     p.add_argument("--name", help="file name prefix instead of the data set's name (outputs are NAME{split}.npy)")
     p.add_argument("--arch", default="resnet50",
                    help="a torchvision.models classification architecture (features: the penultimate layer) or a "
@@ -61,20 +63,21 @@ def parse_args(argv=None):
     p.add_argument("--cifar_stem", action="store_true",
                    help="ResNets only: 3x3 stride-1 first conv (padding 2) and no max-pool, as solo-learn's "
                         "CIFAR checkpoints are trained")
-    p.add_argument("--image_size", type=int,
+    p.add_argument("--image_size", type=int_in(16, 8192),
                    help="resize the shorter side and centre-crop to this size; default: the torchvision weights' "
                         "own preprocessing, else 224; timm: the model's data config (DINOv2: 518), ViTs "
                         "interpolating their position embeddings to other sizes")
-    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the weights' or the timm "
+    p.add_argument("--mean", type=finite_float, nargs=3, help="normalisation mean (default: the weights' or the timm "
                                                        "model's, else ImageNet)")
-    p.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the weights' or the timm "
+    p.add_argument("--std", type=positive_float, nargs=3, help="normalisation std (default: the weights' or the timm "
                                                       "model's, else ImageNet)")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int_in(1), default=256)
+    p.add_argument("--num_workers", type=int_in(0), default=min(8, os.cpu_count() or 1),
+                   help="image-decoding processes")
+    p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--amp", action="store_true",
                    help="autocast the model to bfloat16 on CPU, float16 on CUDA (features are stored as float32)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the random init of --weights none and --cifar_stem")
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds the random init of --weights none and --cifar_stem")
     p.add_argument("--l2", action="store_true", help="L2-normalise every row and add the _l2 suffix (do this for phi1)")
     p.add_argument("--out", required=True, help="output folder, e.g. data/representations/mocov2/ (created)")
     p.add_argument("--labels_dir", help="where {name}{split}_targets.npy goes; default: data/labels/ beside "
@@ -91,7 +94,7 @@ def load_dataset(args, transform):
         return datasets.FakeData(args.fake_size, (3, 32, 32), 10, transform, random_offset=offset)
     if args.dataset == "imagefolder":
         try:
-            return datasets.ImageFolder(args.root, transform)
+            return datasets.ImageFolder(args.root, transform, loader=read_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise HumeError(f"--root {args.root}: not an image folder tree root/CLASS/IMAGE ({e})") from None
     parts = ["train", "test"] if args.split == "traintest" else [args.split]
@@ -114,9 +117,7 @@ def row_sources(args, dataset):
     directory), else {dataset}:{split}:{index in that split}, e.g. cifar10:test:123."""
     if args.dataset == "imagefolder":
         sources = [os.path.abspath(path) for path, _ in dataset.samples]
-        odd = [s for s in sources if "\n" in s or "\r" in s]
-        if odd:
-            raise HumeError(f"--root {args.root}: file name with a line break ({odd[0]!r}); rename it")
+        check_image_files(sources, f"--root {args.root}")
         return sources
     subsets = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
     splits = ["train", "test"] if len(subsets) == 2 else [args.split]
@@ -143,7 +144,10 @@ def extract(model, loader, n, path, device, l2, arch, amp):
     kind = torch.device(device).type
     autocast = torch.autocast(kind, dtype=torch.bfloat16 if kind == "cpu" else torch.float16, enabled=amp)
     with torch.inference_mode(), autocast:
-        for images, targets in tqdm(loader, desc=os.path.basename(path), unit="batch", disable=None):
+        for batch in tqdm(loader, desc=os.path.basename(path), unit="batch", disable=None):
+            if isinstance(batch, Failed):  # an image that cannot be read, named in one line
+                raise HumeError(f"{batch}; nothing was written")
+            images, targets = batch
             try:
                 images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
                 x = model(images).flatten(1).float().cpu().numpy()
@@ -165,13 +169,11 @@ def main(argv=None):
     args = parse_args(argv)
     if SPLITS[args.dataset] and args.split not in SPLITS[args.dataset]:
         raise HumeError(f"--split {args.split}: {args.dataset} has {', '.join(SPLITS[args.dataset])}")
-    if args.batch_size < 1 or args.num_workers < 0 or args.fake_size < 1:
-        raise HumeError("--batch_size and --fake_size must be >= 1 and --num_workers >= 0")
+    if args.name is not None and (source_problem(args.name) or os.sep in args.name or args.name in (".", "..")):
+        raise HumeError(f"--name {args.name!r}: must be a file name prefix, not a path; use --out for the folder")
     if args.dataset != "fake" and not (args.root and (os.path.isdir(args.root) or args.download)):
         raise HumeError(f"--root {args.root}: folder not found; point it at the {args.dataset} data "
                         "(or pass --download with a network)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HumeError(f"--device {args.device}: no GPU visible to torch; use --device cpu")
     out = os.path.normpath(args.out)
     labels_dir = args.labels_dir or (os.path.join(os.path.dirname(os.path.dirname(out)), "labels")
                                      if os.path.basename(os.path.dirname(out)) == "representations" else out)
@@ -194,12 +196,13 @@ def main(argv=None):
     if len(dataset) == 0:
         raise HumeError(f"--dataset {args.dataset} --split {args.split}: no images")
     sources = row_sources(args, dataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"))
+    loader = torch.utils.data.DataLoader(CarryErrors(dataset), batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
+                                         collate_fn=collate)
     model.to(args.device, memory_format=torch.channels_last)  # NHWC: faster convolutions, ViTs unaffected
 
     def write_sources(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(s + "\n" for s in sources)
 
     t0 = time.time()

@@ -6,13 +6,12 @@ paper's step 0.001 suits raw features with row norms in the tens; on unit-norm e
 classifier and the search has no signal. `auto` rescales each phi2 space to RMS row norm sqrt(d2) and steps at
 1/lambda_max, so the inner problem is the same whatever the embedding's scale.
 """
-import argparse
 from typing import NamedTuple
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from utils import log
+from utils import log, positive_float
 
 
 class Step(NamedTuple):
@@ -24,13 +23,8 @@ class Step(NamedTuple):
 
 
 def inner_lr_type(text):
-    """argparse type of --inner_lr: a number or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    """argparse type of --inner_lr: a finite number > 0, or 'auto'."""
+    return text if text == "auto" else positive_float(text)
 
 
 def resolve(inner_lr, phi2s, quiet=False):

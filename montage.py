@@ -8,8 +8,8 @@ thumbnail THUMB inches square at plot.py's DPI, so a page's pixel size is fixed 
 import numpy as np
 from matplotlib.figure import Figure
 
+from images import read_image
 from selection import pick
-from utils import HumeError
 
 ROWS_PER_PAGE = 20
 THUMB = 0.8  # inches per thumbnail (and per row)
@@ -42,11 +42,7 @@ def page_size(n_rows, per_cluster):
 def thumbnail(path, px):
     """The image at path as a px x px RGB array, aspect kept, padded with white."""
     from PIL import Image, ImageOps
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for unreadable or non-image files
-        raise HumeError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    img = read_image(path)
     small = max(img.size) < px  # tiny images (icons, 8x8 digits) are enlarged pixel by pixel, not blurred
     return np.asarray(ImageOps.pad(img, (px, px), Image.NEAREST if small else Image.BICUBIC, color="white"))
 

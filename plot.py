@@ -33,8 +33,8 @@ from metrics import align_to, all_metrics, cluster_acc, contingency
 from metrics import ensemble as vote_ensemble
 from model import find_tasks, task_predictions
 from files import atomic_write, check_output_file, ensure_dir, load_results, read_jsonl
-from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, load_sources, log,
-                   make_parser, run_cli, sources_path)
+from utils import (HumeError, check_rows, check_source_files, find_sources, int_in, load_array, load_labels,
+                   load_sources, log, make_parser, run_cli, sources_path)
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100
@@ -60,7 +60,7 @@ def build_parser():
                    "beside the phi1 file NAME.npy (extract.py writes it)")
     p.add_argument("--texts", help="--montage, for data without images: a text per row, one a line; prints a few "
                    "members of each cluster instead of drawing")
-    p.add_argument("--per_cluster", type=int, default=8, help="--montage: members shown per cluster")
+    p.add_argument("--per_cluster", type=int_in(1), default=8, help="--montage: members shown per cluster")
     return p
 
 
@@ -238,8 +238,6 @@ def save(fig, path):
 
 def draw_montage(args, tasks, prefix):
     """plot.py --montage: the member thumbnails of every cluster (or, with --texts, their texts in the terminal)."""
-    if args.per_cluster < 1:
-        raise HumeError(f"--per_cluster must be >= 1, got {args.per_cluster}")
     phi1_path, phi1, phis, _ = evaluation_data(args, tasks)
     if phi1 is None:  # TURTLE tasks: the points are named by their first space
         phi1_path, phi1 = (args.phi_paths or recorded_paths(tasks)[0])[0], phis[0]

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import check_numbers
 import runs
 from cvscore import cv_score, turtle_cv_score
 from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
@@ -32,8 +31,9 @@ from metrics import all_metrics
 from model import export_turtle_task, make_turtle_encoder, turtle_predict
 from runs import keep_log_until, seed_lock, start_log
 from turtle_step import init_inner, inner_adam, outer_step
-from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, make_parser,
-                   run_cli, seed_everything, summary)
+from utils import (DEMO, HumeError, check_rows, default_device, device, first_line, int_in, interruptible, load_array,
+                   load_labels, log, make_parser, nonnegative_float, positive_float, run_cli, seed_everything,
+                   seed_int, summary)
 
 # settings a resumed run must share with the run it continues (--T may grow)
 FIXED = ("k", "gamma", "inner_lr", "outer_lr", "batch_size", "M", "warm_start", "seed", "phi_paths")
@@ -46,24 +46,25 @@ def build_parser():
     p.add_argument("--phi_paths_val", nargs="+", help="the evaluation points in the same spaces (inductive); "
                    "none: label and report the training points (transductive)")
     p.add_argument("--gt_labels_path", help="labels of the evaluation points, used only to report metrics")
-    p.add_argument("--k", type=int, default=10, help="number of classes of the labeling searched for")
-    p.add_argument("--gamma", type=float, default=10.0, help="weight of the entropy (balance) term, Eq. (12)")
-    p.add_argument("--T", type=int, default=6000, help="outer iterations")
-    p.add_argument("--inner_lr", type=float, default=0.001, help="Adam step size of the inner classifiers")
-    p.add_argument("--outer_lr", type=float, default=0.001, help="Adam step size of the task encoder")
-    p.add_argument("--batch_size", type=int, default=10000, help="points per outer iteration (capped at n)")
-    p.add_argument("--M", type=int, default=10, help="inner Adam steps per outer iteration")
+    p.add_argument("--k", type=int_in(2), default=10, help="number of classes of the labeling searched for")
+    p.add_argument("--gamma", type=nonnegative_float, default=10.0,
+                   help="weight of the entropy (balance) term, Eq. (12)")
+    p.add_argument("--T", type=int_in(0), default=6000, help="outer iterations")
+    p.add_argument("--inner_lr", type=positive_float, default=0.001, help="Adam step size of the inner classifiers")
+    p.add_argument("--outer_lr", type=positive_float, default=0.001, help="Adam step size of the task encoder")
+    p.add_argument("--batch_size", type=int_in(1), default=10000, help="points per outer iteration (capped at n)")
+    p.add_argument("--M", type=int_in(1), default=10, help="inner Adam steps per outer iteration")
     p.add_argument("--warm_start", action="store_true", help="keep the inner classifiers and their Adam state "
                    "across iterations (default: cold start, a fresh random init every iteration)")
     p.add_argument("--cross_val", action="store_true", help="CV_Score as TURTLE's cross_val.py: on the training "
                    "points, an L2-penalised fit (cuML's C=1.0, i.e. scikit-learn's C=1.0) to convergence, 10 folds "
                    "from np.random.seed(42) (slower on large data); without it HUME's score on the evaluation "
                    "points: unpenalised, scikit-learn's lbfgs max_iter=100, KFold(10, shuffle, random_state=1)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device, default=default_device(), help="torch device")
     p.add_argument("--exp_path", default="./turtle_tasks/", help="output folder (created)")
-    p.add_argument("--seed", type=int, default=42, help="seeds python, numpy and torch")
-    p.add_argument("--eval_every", type=int, default=20, help="evaluate and log metrics every N iterations")
-    p.add_argument("--ckpt_every", type=int, default=500, help="write turtle_checkpoint_{seed}.pt every N "
+    p.add_argument("--seed", type=seed_int, default=42, help="seeds python, numpy and torch")
+    p.add_argument("--eval_every", type=int_in(1), default=20, help="evaluate and log metrics every N iterations")
+    p.add_argument("--ckpt_every", type=int_in(1), default=500, help="write turtle_checkpoint_{seed}.pt every N "
                    "iterations and at the end")
     p.add_argument("--resume", action="store_true", help="continue from turtle_checkpoint_{seed}.pt if any")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
@@ -74,12 +75,6 @@ def build_parser():
 
 def check_args(args):
     """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
-    check_numbers({"--gamma": args.gamma}, {"--inner_lr": args.inner_lr, "--outer_lr": args.outer_lr},
-                  {"--k": (args.k, 2), "--T": (args.T, 0), "--M": (args.M, 1), "--batch_size": (args.batch_size, 1),
-                   "--eval_every": (args.eval_every, 1), "--ckpt_every": (args.ckpt_every, 1)}, args.seed,
-                  args.device)
-    if not args.gamma >= 0:
-        raise HumeError(f"--gamma must be >= 0, got {args.gamma}")
     if args.phi_paths is None and (args.phi_paths_val or args.gt_labels_path):
         raise HumeError("give --phi_paths (the training arrays), or no path flag at all to run the bundled demo")
     if args.phi_paths and args.phi_paths_val and len(args.phi_paths) != len(args.phi_paths_val):

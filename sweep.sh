@@ -53,6 +53,17 @@ EOF
 die() { echo "sweep.sh: error: $*" >&2; exit 2; }
 say() { echo "sweep.sh: $*"; }
 
+decimal() {  # decimal WHAT VALUE MAX: prints VALUE as a base-10 integer in 0..MAX (bash alone reads 08 as octal)
+    local v=$2
+    case "$v" in
+        ''|*[!0123456789]*) die "$1: '$v' is not an integer (digits 0-9 only, read in base 10)" ;;
+    esac
+    v=${v#"${v%%[!0]*}"}  # leading zeros off: 007 is 7, and seed 7's files are linear_task_7.pt
+    v=${v:-0}
+    if [ "${#v}" -gt "${#3}" ] || [ $((10#$v)) -gt "$3" ]; then die "$1: $2 is more than $3"; fi
+    echo "$v"
+}
+
 # ---------------------------------------------------------------- options
 seeds="0 1 2 3 4 5 6 7 8 9"
 jobs=""
@@ -65,7 +76,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --seeds) [ $# -ge 2 ] || die "--seeds needs a value"; seeds=$2; shift 2 ;;
-        --jobs) [ $# -ge 2 ] || die "--jobs needs a value"; jobs=$2; shift 2 ;;
+        --jobs) [ $# -ge 2 ] && [ -n "$2" ] || die "--jobs needs a value"; jobs=$2; shift 2 ;;
         --eval_phi1) [ $# -ge 2 ] || die "--eval_phi1 needs a value"; eval_phi1=$2; shift 2 ;;
         --eval_labels) [ $# -ge 2 ] || die "--eval_labels needs a value"; eval_labels=$2; shift 2 ;;
         --eval_phi_paths) [ $# -ge 2 ] || die "--eval_phi_paths needs a value"; eval_phi_paths=$2; shift 2 ;;
@@ -100,11 +111,13 @@ for a in "$@"; do
     prev=$a
 done
 [ -n "$exp_path" ] || die "--exp_path is empty"
-for s in $seeds; do
-    case "$s" in
-        ''|-|*[!0-9-]*|?*-*) die "--seeds: '$s' is not an integer" ;;
-    esac
+[ -n "$jobs" ] && { jobs=$(decimal --jobs "$jobs" 4096) || exit 2; }
+[ "$jobs" != 0 ] || die "--jobs must be a positive integer, got '0'"
+checked=""
+for s in $seeds; do  # numpy's seed range, checked before any run
+    checked="$checked $(decimal "--seeds" "$s" 4294967295)" || exit 2
 done
+seeds=$checked
 [ -n "$seeds" ] || die "--seeds is empty"
 uniq=""
 for s in $seeds; do  # a seed given twice would run twice into the same files (hume.py refuses the second)
@@ -143,9 +156,6 @@ fi
 if [ -z "$jobs" ]; then
     if [ "$ngpu" -gt 0 ]; then jobs=$ngpu; else jobs=1; fi
 fi
-case "$jobs" in
-    ''|*[!0-9]*|0) die "--jobs must be a positive integer, got '$jobs'" ;;
-esac
 if [ "$ngpu" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
     cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
     OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))

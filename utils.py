@@ -4,11 +4,13 @@ holds the file writing and reading).
 One home for each helper; the scripts import from here and never copy.
 """
 import argparse
+import math
 import os
 import random
 import re
 import signal
 import sys
+import unicodedata
 
 import numpy as np
 import torch
@@ -96,9 +98,11 @@ def run_cli(main, argv=None):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too)."""
+    """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too).
+    A flag's bad value reads "--flag must be ..., got ..." (the flag types below phrase their messages so)."""
 
     def error(self, message):
+        message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", " ".join(message.split()))
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -107,6 +111,91 @@ def make_parser(doc):
     """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                   allow_abbrev=False)  # a typo such as --num_iter must not silently become --num_iters
+
+
+# ---------------------------------------------------------------- flag types (argparse type=), for every script
+
+NUMBER = re.compile(r"[+-]?(?:inf|infinity|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)", re.IGNORECASE)
+
+
+def _float(text):
+    """An ASCII decimal number (float() also takes '١٢', '1_0' and spaces: a flag value must read the same
+    everywhere), finite."""
+    if not NUMBER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def finite_float(text):
+    return _float(text)
+
+
+def positive_float(text):
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text):
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def int_in(lo, hi=None, what=None):
+    """The argparse type of an integer flag in [lo, hi]: ASCII digits with an optional sign only (int() also
+    takes '١٢', '1_000' and spaces; '²'.isdigit() is true but int('²') fails)."""
+    bounds = what or (f">= {lo}" if hi is None else f"between {lo} and {hi}")
+
+    def parse(text):
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
+        value = int(text)
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+    parse.__name__ = f"int_{bounds}"
+    return parse
+
+
+seed_int = int_in(0, 2 ** 32 - 1, "between 0 and 2**32 - 1 (numpy's range)")  # every --seed
+
+
+def device_problem(name):
+    """What is wrong with torch device name here ("NAME: reason; fix"), or None: cpu, cuda[:i] when CUDA and that
+    device are there, mps when available."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{name}: not a torch device; use cpu or cuda"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name}: CUDA is not available here; use --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0"
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"{name}: MPS is not available here; use --device cpu"
+    elif dev.type != "cpu":
+        return f"{name}: HUME runs on cpu, cuda or mps, not {dev.type}"
+    return None
+
+
+def device(text):
+    """The argparse type of --device: a device that exists here."""
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def log(msg, quiet=False):
@@ -233,6 +322,23 @@ def load_sources(path, n, flag="--sources"):
         raise HumeError(f"{flag} {path}: {len(lines)} lines for {n} rows; it must list the rows' sources one a line, "
                         "in the order of the array (was it written for another array?)")
     return lines
+
+
+def source_problem(name):
+    """Why name cannot round-trip through a sources file (UTF-8, one name a line, read back with splitlines), or
+    None: bytes that are not UTF-8, line breaks (also U+2028, U+0085 and the others splitlines splits on),
+    control characters."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds bytes that are not UTF-8"
+    if not name:
+        return "is empty"
+    if name.splitlines() != [name]:
+        return "holds a line break"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "holds a control character"
+    return None
 
 
 def check_source_files(sources, flag):

@@ -147,6 +147,8 @@ BAD_CSVS = {
     "unknown index": (["index", "label"], [[0, 1], [N, 2]]),
     "negative index": (["index", "label"], [[-1, 1]]),
     "index not a number": (["index", "label"], [["seven", 1]]),
+    "index a superscript digit": (["index", "label"], [["\u00b2", 1]]),  # '²'.isdigit() is true, int('²') fails
+    "index in Arabic-Indic digits": (["index", "label"], [["\u0661", 1]]),
     "missing label column": (["index", "cluster"], [[0, 1]]),
     "missing index column": (["idx", "label"], [[0, 1]]),
     "two labels for one point": (["index", "label"], [[3, 1], [3, 2]]),

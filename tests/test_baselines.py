@@ -115,8 +115,6 @@ def test_bad_inputs_raise_a_hume_error(P, tmp_path):
         "val of another dimension": ["--phi_path", P["phi2"], "--phi_path_val", str(tmp_path / "wide.npy"),
                                      "--gt_labels_path", P["labels_val"]],
         "labels of the wrong length": ["--phi_path", P["phi2"], "--gt_labels_path", P["labels_val"]],
-        "lambda not positive": ["--method", "sinkhorn", "--phi_path", P["phi2"], "--gt_labels_path", P["labels"],
-                                "--lambda", "0"],
         "k larger than n": ["--phi_path", P["phi2_val"], "--gt_labels_path", P["labels_val"], "--k", "61"],
     }
     for name, flags in cases.items():

@@ -5,7 +5,6 @@ import torch
 import hypergrad
 import model
 import outer
-import products
 from inputs import Rows
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import hume
 import select_k
-from helpers import cli, describe, run_script, save_npy
+from helpers import cli, describe, refused, run_script, save_npy
 from utils import HumeError
 
 TINY = ["--num_iters", "30", "--num_subsets", "2", "--adaptation_steps", "20", "--outer_lr", "0.05",
@@ -39,8 +39,8 @@ def test_a_bad_hume_flag_fails_before_any_run(tmp_path):
     with pytest.raises(SystemExit) as e:
         select_k.main(["--out", str(tmp_path / "out"), "--num_iterz", "3"])  # a typo of --num_iters
     assert e.value.code == 2 and not (tmp_path / "out").exists()
-    with pytest.raises(HumeError, match="--outer_lr"):
-        select_k.main(["--out", str(tmp_path / "out"), "--outer_lr", "-1"])
+    refused(cli(select_k.main, ["--out", tmp_path / "out", "--outer_lr", "-1"]), "--outer_lr must be > 0")
+    assert not (tmp_path / "out").exists()
 
 
 def test_rules_score_the_mean_cv_as_stated():

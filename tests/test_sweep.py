@@ -124,10 +124,32 @@ def test_no_gpu_runs_on_cpu_one_at_a_time(tmp_path):
     assert (exp / "log_7.txt").read_text().splitlines()[-1].endswith("--device cpu --seed 7")
 
 
+def test_numbers_are_read_in_base_10(tmp_path):
+    env = stand_ins(str(tmp_path / "bin"), gpus=0)
+    exp = tmp_path / "exp"
+    proc = bash(SWEEP, ["--jobs", "08", "--seeds", "007 09", "--no_eval", "--", "--exp_path", exp], tmp_path, env)
+    assert proc.returncode == 0 and "2 seed(s) to run, 0 skipped; 8 at a time" in proc.stdout, show(proc)
+    assert (exp / "log_7.txt").read_text().splitlines()[-1].endswith("--seed 7")
+    assert (exp / "log_9.txt").read_text().splitlines()[-1].endswith("--seed 9")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "0"], "--jobs must be a positive integer"),
     (["--seeds", "0 x"], "'x' is not an integer"),
     (["--seeds", ""], "--seeds is empty"),
+    # numbers are read in base 10 and checked before anything starts (bash alone reads 08 as octal)
+    (["--jobs", "x"], "--jobs: 'x' is not an integer"),
+    (["--jobs", "-1"], "--jobs: '-1' is not an integer"),
+    (["--jobs", "000"], "--jobs must be a positive integer"),
+    (["--jobs", ""], "--jobs needs a value"),
+    (["--jobs", "99999999999999999999999"], "--jobs: 99999999999999999999999 is more than 4096"),
+    (["--jobs", "\u00b2"], "is not an integer"),
+    (["--seeds", "0 -1"], "--seeds: '-1' is not an integer"),
+    (["--seeds", "4294967296"], "--seeds: 4294967296 is more than 4294967295"),
+    (["--seeds", "0x1"], "--seeds: '0x1' is not an integer"),
+    (["--seeds", "1_0"], "--seeds: '1_0' is not an integer"),
+    (["--seeds", "\u00b2"], "is not an integer"),
+    (["--seeds", "99999999999999999999999"], "is more than 4294967295"),
     (["--bogus"], "unknown option --bogus"),
     (["--eval_labels", "y.npy"], "--eval_labels needs --eval_phi1"),
     (["--", "--seed", "3"], "use sweep.sh --seeds"),

@@ -111,7 +111,7 @@ def test_outputs_that_cannot_work_are_refused_before_work(P, tmp_path, case):
 @pytest.mark.parametrize("extra, needle", [(["--k_range", "4", "17"], "k = 17 is more than the data allows"),
                                            (["--k_range", "4", "--json", "{tmp}"], "--json"),
                                            (["--k_range", "4", "--out", "{out}"], "k4 is a file"),
-                                           (["--k_range", "4", "--seeds", "0", "-1"], "outside numpy's range"),
+                                           (["--k_range", "4", "--seeds", "0", "-1"], "--seeds must be between 0"),
                                            (["--k_range", "2..100000000000"], "more than 1000 values of k")])
 def test_select_k_refuses_what_cannot_work_before_any_run(P, tmp_path, extra, needle):
     out = tmp_path / "out"

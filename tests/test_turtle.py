@@ -12,7 +12,6 @@ import torch
 
 import annotate
 import evaluate
-import model
 import plot
 import run_turtle
 from helpers import REPO, blobs, child_env, cli, hungarian_acc, save_npy
