@@ -29,8 +29,8 @@ from metrics import cluster_acc, ensemble
 from model import find_tasks, task_predictions
 from selection import allocate, pick
 from files import atomic_write, check_output_file, json_save
-from utils import (DEMO, HumeError, check_rows, int_in, l2_normalize, load_array, load_labels, log, make_parser,
-                   run_cli, warn)
+from flags import int_in, make_parser
+from utils import DEMO, HumeError, check_rows, l2_normalize, load_array, load_labels, log, run_cli, warn
 
 
 def build_parser():

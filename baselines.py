@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from metrics import all_metrics
 from files import check_output_file, json_save
-from utils import (DEMO, HumeError, int_in, load_array, load_labels, log, make_parser, nonnegative_float,
-                   positive_float, run_cli, seed_int, warn)
+from flags import int_in, make_parser, nonnegative_float, positive_float, seed_int
+from utils import DEMO, HumeError, load_array, load_labels, log, run_cli, warn
 
 
 def build_parser():

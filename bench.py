@@ -36,7 +36,8 @@ import outer
 import products
 from inputs import Rows
 from model import init_inner, make_task_encoder, sample_subsets
-from utils import DEMO, default_device, device, int_in, make_parser
+from flags import default_device, device, int_in, make_parser
+from utils import DEMO
 
 SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
     "demo": dict(n=None, d1=None, d2=None, k=10, subset_size=10000, train_fraction=0.9, S=5, T=100),
@@ -246,8 +247,9 @@ def main():
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")
     print(f"ISA: {cpu_isa()}")
-    print(f"{'scale':9} {'method':12} {'kernel, layout':22} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} {'peak MiB':>9} {'MiB/step':>8} "
-          f"{'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} {'bf16 err':>8}")
+    print(f"{'scale':9} {'method':12} {'kernel, layout':22} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} "
+          f"{'peak MiB':>9} {'MiB/step':>8} {'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} "
+          f"{'bf16 err':>8}")
     rows, first = [], {}
     for scale in a.scale:
         c = dict(SCALES[scale])

@@ -6,8 +6,8 @@ import dataclasses
 
 import products
 from inner_lr import inner_lr_type
-from utils import (DEMO, HumeError, default_device, device, finite_float, int_in, make_parser,
-                   nonnegative_float, positive_float, seed_int)
+from flags import default_device, device, finite_float, int_in, make_parser, nonnegative_float, positive_float, seed_int
+from utils import DEMO, HumeError
 
 
 def build_parser(doc):

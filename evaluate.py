@@ -17,7 +17,8 @@ import inner_lr
 from metrics import all_metrics, ensemble
 from model import find_tasks, task_predictions
 from files import check_output_file, json_save, load_results
-from utils import DEMO, check_rows, load_array, load_labels, log, make_parser, run_cli
+from flags import make_parser
+from utils import DEMO, check_rows, load_array, load_labels, log, run_cli
 
 
 def build_parser():

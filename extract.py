@@ -29,8 +29,8 @@ from tqdm import tqdm
 from backbones import build_backbone
 from files import OutputGroup, check_output_file, ensure_dir, restricted_load
 from images import CarryErrors, Failed, check_image_files, collate, read_image
-from utils import (HumeError, default_device, device, finite_float, int_in, l2_normalize, log, make_parser,
-                   positive_float, run_cli, seed_int, source_problem)
+from flags import default_device, device, finite_float, int_in, make_parser, positive_float, seed_int
+from utils import HumeError, l2_normalize, log, run_cli, source_problem
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any

@@ -16,7 +16,6 @@ code cites them: Eq. 3 the task encoder, Eq. 5 the inner problem, Eq. 7 HUME's o
 """
 import dataclasses
 import os
-import pickle
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ from cvscore import cv_score
 from metrics import all_metrics
 from model import init_inner, make_task_encoder, predict, sample_subsets
 import runs
-from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
+from files import append_jsonl, ensure_dir, torch_bytes, torch_save
 from runs import keep_log_until, seed_lock, start_log
 from utils import HumeError, interruptible, log, release_freed_memory, run_cli, seed_everything, summary, warn
 
@@ -193,10 +192,8 @@ def finish(cfg, data, steps, encoder, state):
                "inner_fit": {"first": state.get("inner_fit_first"), "last": state.get("inner_fit_last")}}
     if data.y_val is not None:
         results["metrics"] = all_metrics(data.y_val, preds)
-    with OutputGroup() as group:  # task and results: both new or both old, whatever fails
-        group.write_bytes(os.path.join(cfg.exp_path, f"linear_task_{cfg.seed}.pt"),
-                          torch_bytes({k: v.cpu() for k, v in encoder.state_dict().items()}))
-        group.write_bytes(os.path.join(cfg.exp_path, f"results_{cfg.seed}.pickle"), pickle.dumps(results))
+    runs.commit(cfg.exp_path, cfg.seed, f"linear_task_{cfg.seed}.pt",
+                torch_bytes({k: v.cpu() for k, v in encoder.state_dict().items()}), results)
     return results
 
 

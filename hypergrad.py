@@ -24,16 +24,15 @@ layout="auto", for calls without a plan, picks by size):
 - "shared", when S > 1 subsets have a union of at most SHARED_RATIO x m_tr rows (subsets covering the data, the demo):
   the union is kept once and the S classifiers sit side by side, one wide GEMM N x D x S*k per product, with 0/1
   masks selecting each subset's rows. A wide GEMM runs several times faster per FLOP than skinny ones on a CPU.
-- "subset" otherwise (the paper's scale): one subset at a time with plain 2-D GEMMs, so only one X_tr (28 MB at the
-  paper's defaults, about the size of the L3 cache) and one subset's P_t are alive, and they stay hot between the
-  forward and the backward pass. Each subset's loss CE_s depends on its own labels only, and the adjoint is linear in
-  the incoming gradient g_s = dL/dCE_s, so the adjoint is run right after the subset's inner loop with g_s = 1 and
-  its label gradients are scaled by g_s when autograd asks for them: nothing of the inner loop outlives its subset.
-The products and the softmax are products.py's; `kernel` names which of its kernels runs the products (the plan's
-choice; without one, the first that runs here). With a bfloat16 kernel (--bf16, either layout) the GEMMs of the
-inner loop and its adjoint read a bfloat16 copy of X and bfloat16 roundings of w, A and the residuals, and return
-bfloat16 (no CPU kernel returns float32 from bfloat16 operands); softmax, iterates and sums stay in the input's
-precision. An approximation; bench.py reports its hypergradient error against float32.
+- "subset" otherwise (the paper's scale): one subset at a time with plain 2-D GEMMs (or, where the plan timed it
+  faster, as many at once as torch has threads, one thread each), so only one X_tr (28 MB at the paper's defaults)
+  and one subset's P_t are alive per thread. Each subset's loss CE_s depends on its own labels only, and the adjoint
+  is linear in the incoming gradient g_s = dL/dCE_s, so the adjoint is run right after the subset's inner loop with
+  g_s = 1 and its label gradients are scaled by g_s when autograd asks for them: nothing outlives its subset.
+The products and the softmax are products.py's; `kernel` names the one that runs the products (the plan's choice;
+without one, the first that runs here). A bfloat16 kernel (--bf16) reads a bfloat16 copy of X and bfloat16
+roundings of w, A and the residuals; softmax, iterates and sums stay in the input's precision. An approximation:
+bench.py reports its hypergradient error against float32.
 outer.py averages these losses over subsets and phi2 spaces for one outer iteration.
 """
 from types import SimpleNamespace
@@ -44,8 +43,7 @@ from inputs import Rows
 from model import labels
 from products import default_kernel, gemms, run_concurrently, softmax
 
-SHARED_RATIO = 1.2  # layout="auto" (no plan): the shared layout when S > 1 subsets have a union of <= 1.2 x m_tr
-# rows, i.e. they nearly cover the data; a plan times both layouts instead
+SHARED_RATIO = 1.2  # layout="auto" (no plan): shared when S > 1 subsets' union is <= 1.2 x m_tr rows (nearly all)
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this
 
 

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from utils import log, positive_float
+from flags import positive_float
+from utils import log
 
 
 class Step(NamedTuple):

@@ -33,8 +33,9 @@ from metrics import align_to, all_metrics, cluster_acc, contingency
 from metrics import ensemble as vote_ensemble
 from model import find_tasks, task_predictions
 from files import atomic_write, check_output_file, ensure_dir, load_results, read_jsonl
-from utils import (HumeError, check_rows, check_source_files, find_sources, int_in, load_array, load_labels,
-                   load_sources, log, make_parser, run_cli, sources_path)
+from flags import int_in, make_parser
+from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, load_sources, log,
+                   run_cli, sources_path)
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100

@@ -35,8 +35,8 @@ import numpy as np
 from metrics import align_tasks, align_to, all_metrics, majority_vote
 from model import find_tasks, task_predictions
 from files import OutputGroup, check_output_file
-from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, log, make_parser,
-                   run_cli)
+from flags import make_parser
+from utils import HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, log, run_cli
 
 
 def build_parser():

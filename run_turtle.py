@@ -17,7 +17,6 @@ nn.Linear(d_i, k) heads, weight norm removed), results_{seed}.pickle (CV_Score a
 --T). Bad inputs end with one line on stderr and exit code 2.
 """
 import os
-import pickle
 import time
 
 import numpy as np
@@ -26,14 +25,14 @@ from tqdm import tqdm
 
 import runs
 from cvscore import cv_score, turtle_cv_score
-from files import OutputGroup, append_jsonl, ensure_dir, torch_bytes, torch_save
+from files import append_jsonl, ensure_dir, torch_bytes, torch_save
 from metrics import all_metrics
 from model import export_turtle_task, make_turtle_encoder, turtle_predict
 from runs import keep_log_until, seed_lock, start_log
 from turtle_step import init_inner, inner_adam, outer_step
-from utils import (DEMO, HumeError, check_rows, default_device, device, first_line, int_in, interruptible, load_array,
-                   load_labels, log, make_parser, nonnegative_float, positive_float, run_cli, seed_everything,
-                   seed_int, summary)
+from flags import default_device, device, int_in, make_parser, nonnegative_float, positive_float, seed_int
+from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, run_cli,
+                   seed_everything, summary)
 
 # settings a resumed run must share with the run it continues (--T may grow)
 FIXED = ("k", "gamma", "inner_lr", "outer_lr", "batch_size", "M", "warm_start", "seed", "phi_paths")
@@ -230,10 +229,8 @@ def finish(args, d, theta, seconds):
                "gt_labels_path": d["y_path"]}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
-    with OutputGroup() as group:  # task and results: both new or both old, whatever fails
-        group.write_bytes(os.path.join(args.exp_path, f"turtle_task_{args.seed}.pt"),
-                          torch_bytes(export_turtle_task(theta)))
-        group.write_bytes(os.path.join(args.exp_path, f"results_{args.seed}.pickle"), pickle.dumps(results))
+    runs.commit(args.exp_path, args.seed, f"turtle_task_{args.seed}.pt", torch_bytes(export_turtle_task(theta)),
+                results)
     return results
 
 

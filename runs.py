@@ -9,8 +9,9 @@ and checkpoint files. The name never matches linear_task_(\d+)\.pt or results_(\
 import contextlib
 import json
 import os
+import pickle
 
-from files import check_output_file, read_jsonl, write_bytes, write_error
+from files import OutputGroup, check_output_file, json_ready, read_jsonl, write_bytes, write_error
 from utils import HumeError
 
 OWN = {"hume": ("linear_task_{}.pt", "checkpoint_{}.pt"),  # the files only that method writes
@@ -36,7 +37,8 @@ def owner(folder, seed):
         if method not in OWN:
             raise HumeError(f"{marker}: names no method (expected hume or turtle); remove it if it is not a run's")
         return method
-    found = {m for m, names in OWN.items() for name in names if os.path.lexists(os.path.join(folder, name.format(seed)))}
+    found = {m for m, names in OWN.items() for name in names
+             if os.path.lexists(os.path.join(folder, name.format(seed)))}
     if len(found) > 1:
         raise HumeError(f"{folder}: seed {seed} holds files of both hume.py and run_turtle.py, which share "
                         f"results_{seed}.pickle; keep each method in its own folder")
@@ -87,6 +89,29 @@ def keep_log_until(path, iteration):
         if rec["iteration"] <= iteration:
             kept.append(rec)
     write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
+
+
+def commit(folder, seed, task_name, task_bytes, results):
+    """The end of a run as one unit: the task file, results_{seed}.pickle and the metrics log with the CV score and
+    the seconds it took in its last record; all new or all old, whatever fails."""
+    with OutputGroup() as group:
+        group.write_bytes(os.path.join(folder, task_name), task_bytes)
+        group.write_bytes(os.path.join(folder, f"results_{seed}.pickle"), pickle.dumps(results))
+        log = os.path.join(folder, f"metrics_{seed}.jsonl")
+        scored = scored_log(log, {"cv_score": results["CV_Score"], "cv_seconds": results["cv_seconds"]})
+        if scored is not None:
+            group.write_bytes(log, scored)
+
+
+def scored_log(path, fields):
+    """The metrics log's bytes with the end-of-run fields (the CV score, the seconds it took) added to its last
+    record, for the run's files committed as one unit; the log keeps one record per evaluation. None when the run
+    logged nothing."""
+    records = [rec for _, rec in read_jsonl(path, required=("iteration",))] if os.path.isfile(path) else []
+    if not records:
+        return None
+    records[-1].update(fields)
+    return "".join(json.dumps(json_ready(rec), allow_nan=False) + "\n" for rec in records).encode()
 
 
 def start_log(path, fresh):

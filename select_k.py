@@ -32,7 +32,8 @@ from tqdm import tqdm
 import config
 from inputs import load_data
 from files import check_output_file, ensure_dir, json_save, load_results
-from utils import HumeError, log, make_parser, run_cli, seed_int
+from flags import make_parser, seed_int
+from utils import HumeError, log, run_cli
 
 HUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hume.py")
 

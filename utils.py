@@ -1,10 +1,8 @@
-"""Shared helpers: errors, signals and the command line, logging, array loading and validation, seeding (files.py
-holds the file writing and reading).
+"""Shared helpers: errors, signals and running a script's main, logging, array loading and validation, seeding
+(flags.py holds the parser and flag types, files.py the file writing and reading).
 
 One home for each helper; the scripts import from here and never copy.
 """
-import argparse
-import math
 import os
 import random
 import re
@@ -95,107 +93,6 @@ def run_cli(main, argv=None):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too).
-    A flag's bad value reads "--flag must be ..., got ..." (the flag types below phrase their messages so)."""
-
-    def error(self, message):
-        message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", " ".join(message.split()))
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def make_parser(doc):
-    """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
-    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                  allow_abbrev=False)  # a typo such as --num_iter must not silently become --num_iters
-
-
-# ---------------------------------------------------------------- flag types (argparse type=), for every script
-
-NUMBER = re.compile(r"[+-]?(?:inf|infinity|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)", re.IGNORECASE)
-
-
-def _float(text):
-    """An ASCII decimal number (float() also takes '١٢', '1_0' and spaces: a flag value must read the same
-    everywhere), finite."""
-    if not NUMBER.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-    return value
-
-
-def finite_float(text):
-    return _float(text)
-
-
-def positive_float(text):
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def nonnegative_float(text):
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def int_in(lo, hi=None, what=None):
-    """The argparse type of an integer flag in [lo, hi]: ASCII digits with an optional sign only (int() also
-    takes '١٢', '1_000' and spaces; '²'.isdigit() is true but int('²') fails)."""
-    bounds = what or (f">= {lo}" if hi is None else f"between {lo} and {hi}")
-
-    def parse(text):
-        if not re.fullmatch(r"[+-]?[0-9]+", text):
-            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
-        value = int(text)
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
-        return value
-    parse.__name__ = f"int_{bounds}"
-    return parse
-
-
-seed_int = int_in(0, 2 ** 32 - 1, "between 0 and 2**32 - 1 (numpy's range)")  # every --seed
-
-
-def device_problem(name):
-    """What is wrong with torch device name here ("NAME: reason; fix"), or None: cpu, cuda[:i] when CUDA and that
-    device are there, mps when available."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        return f"{name}: not a torch device; use cpu or cuda"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"{name}: CUDA is not available here; use --device cpu"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"{name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0"
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            return f"{name}: MPS is not available here; use --device cpu"
-    elif dev.type != "cpu":
-        return f"{name}: HUME runs on cpu, cuda or mps, not {dev.type}"
-    return None
-
-
-def device(text):
-    """The argparse type of --device: a device that exists here."""
-    problem = device_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def log(msg, quiet=False):

@@ -146,5 +146,6 @@ def test_bf16_without_a_oneDNN_bf16_kernel_runs_on_plain_bf16_matmuls(tmp_path):
 def test_pinned_kernel_that_cannot_run_is_refused_before_anything_is_written(tmp_path):
     p, out = isa_limited_run(tmp_path, "--bf16", "--kernel", "onednn-bf16")
     assert p.returncode == 2 and "Traceback" not in p.stderr, describe(p)
-    assert p.stderr.strip().startswith("error: --kernel onednn-bf16 cannot run here") and len(p.stderr.strip().splitlines()) == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --kernel onednn-bf16 cannot run here")
     assert not out.exists()

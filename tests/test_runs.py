@@ -88,3 +88,21 @@ def test_adjoint_and_unrolled_runs_give_the_same_task(tmp_path):
     hume.main(common + ["--exp_path", str(tmp_path / "unr"), "--hypergrad", "unrolled"])
     a, b = task(str(tmp_path / "adj")), task(str(tmp_path / "unr"))
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_the_log_ends_with_the_score_and_the_plan_begins_it(tmp_path):
+    """The first record says how the inner loops run (kernel, layout, timings of every candidate that ran); the last
+    holds the CV score the results carry and the seconds it took, beside that evaluation's metrics."""
+    import json
+    from files import load_results
+    p = write_problem(str(tmp_path / "data"), n=200)
+    out = str(tmp_path / "run")
+    assert cli(hume.main, paths(p) + BUDGET + ["--num_iters", "4", "--eval_every", "2", "--exp_path", out])[0] == 0
+    records = [json.loads(ln) for ln in open(os.path.join(out, "metrics_3.jsonl"))]
+    assert [r["iteration"] for r in records] == [2, 4]
+    plan = records[0]["plan"]["spaces"][0]
+    assert plan["kernel"] in plan["ms_per_step"][plan["layout"] if plan["subsets_at_once"] == 1 else
+                                                 f"subset x{plan['subsets_at_once']}"]
+    results = load_results(os.path.join(out, "results_3.pickle"))
+    assert records[-1]["cv_score"] == results["CV_Score"] and records[-1]["cv_seconds"] == results["cv_seconds"] >= 0
+    assert "cv_score" not in records[0]

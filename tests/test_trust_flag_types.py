@@ -16,7 +16,7 @@ import predict
 import run_turtle
 import select_k
 from helpers import FAST, cli, refused, write_problem
-from utils import device_problem, int_in
+from flags import device_problem, int_in
 
 NO_CUDA = "cuda" if not torch.cuda.is_available() else "cuda:99"
 
