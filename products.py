@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 BACKENDS = ("onednn", "onednn_raw", "blas", "blas_t")
-PLAN_SECONDS = 0.15  # timing budget per candidate and layout; a whole plan stays around a second
+PLAN_SECONDS = 0.06  # timing budget per candidate and layout: a whole plan takes one to a few seconds
 
 
 def softmax(Z, dim=-1):
@@ -153,10 +153,12 @@ def run_concurrently(tasks, workers):
     iteration are independent; on some CPUs several one-thread products outrun one product split over the cores)."""
     if workers <= 1 or len(tasks) <= 1:
         return [t() for t in tasks]
+    grad = torch.is_grad_enabled()  # thread-local in torch: a new thread would start with autograd on
 
     def alone(task):
         torch.set_num_threads(1)  # this thread's OpenMP pool and oneDNN's: one thread
-        return task()
+        with torch.set_grad_enabled(grad):
+            return task()
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # BLAS libraries with one global setting
     try:
@@ -194,7 +196,8 @@ def plan(n, m, m_tr, D, k, S, device="cpu", bf16=False, only=None, budget=PLAN_S
     """Time the candidate kernels for one inner step on the run's shapes (S subsets of m of n points, m_tr of them
     X_tr, D columns with the ones column, k classes) and keep the fastest per outer iteration, among: the subset
     layout with one subset at a time, or (CPU, S > 1) as many at a time as torch has threads, one thread each; and
-    the shared layout where it can pay (S > 1 subsets whose expected union is at most twice m_tr rows).
+    the shared layout where it can pay (S > 1 subsets whose expected union is at most 1.5 x m_tr rows). The last two
+    are timed for the kernels that lead the first.
     bf16: the bfloat16 kernels are the candidates (the float32 ones are timed too, for the warning in `advice`).
     only: a kernel pinned by name (no timing; see Plan)."""
     device = torch.device(device).type
@@ -207,14 +210,16 @@ def plan(n, m, m_tr, D, k, S, device="cpu", bf16=False, only=None, budget=PLAN_S
     names = [kn for kn in allowed if probe(kn, device) is None]
     unavailable = {kn: probe(kn, device) for kn in allowed if probe(kn, device) is not None}
     timings = {"subset": _timings(names, lambda kn: _step(kn, m_tr, D, k, True, device), budget)}
+    best = sorted(names, key=timings["subset"].get)[:3]  # the other layouts: only the kernels that lead here
+    best += [kn for kn in names if kn not in best and kn.endswith("bf16") == bf16][:1]  # and one of the wanted kind
     W = min(torch.get_num_threads(), S) if device == "cpu" else 1
     if W > 1:
         reps = 4
-        t = _timings(names, lambda kn: _together([_step(kn, m_tr, D, k, True, device) for _ in range(W)], reps),
+        t = _timings(best, lambda kn: _together([_step(kn, m_tr, D, k, True, device) for _ in range(W)], reps),
                      budget)
         timings[f"subset x{W}"] = {kn: ms / (W * reps) for kn, ms in t.items()}
-    if S > 1 and n_union <= 2 * m_tr:
-        timings["shared"] = _timings(names, lambda kn: _step(kn, n_union, D, S * k, False, device, S), budget)
+    if S > 1 and n_union <= 1.5 * m_tr:
+        timings["shared"] = _timings(best, lambda kn: _step(kn, n_union, D, S * k, False, device, S), budget)
     per_iteration = {(key, kn): t * (1 if key == "shared" else S)
                      for key in timings for kn, t in timings[key].items() if kn.endswith("bf16") == bf16}
     key, kernel = min(per_iteration, key=per_iteration.get)

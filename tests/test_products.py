@@ -81,7 +81,7 @@ def test_plan_takes_the_fastest_per_outer_iteration(monkeypatch):
                     **{("subset", kn, 2): fake["x2"][kn] / 8 * S for kn in names},
                     **{("shared", kn, 1): fake[False][kn] for kn in names}}
         assert (p.layout, p.kernel, p.workers) == min(per_iter, key=per_iter.get) == want
-    p = products.plan(10**6, 120, 100, 8, 3, 4)  # a union of over twice a subset's rows: no shared layout
+    p = products.plan(10**6, 120, 100, 8, 3, 4)  # a union of over 1.5 x a subset's rows: no shared layout
     assert "shared" not in p.timings and p.layout == "subset"
 
 
@@ -96,6 +96,9 @@ def test_run_concurrently_returns_every_result_in_order_and_restores_the_threads
     out = products.run_concurrently([lambda i=i: (i, torch.get_num_threads()) for i in range(7)], 3)
     assert out == [(i, 1) for i in range(7)] and torch.get_num_threads() == n
     assert products.run_concurrently([lambda: 5], 3) == [5]
+    with torch.no_grad():  # autograd's mode is per thread: the tasks run in the caller's
+        assert products.run_concurrently([torch.is_grad_enabled] * 3, 3) == [False] * 3
+    assert products.run_concurrently([torch.is_grad_enabled] * 3, 3) == [True] * 3
 
 
 @pytest.mark.parametrize("layout", ["shared", "subset"])
