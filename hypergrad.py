@@ -195,12 +195,12 @@ def subset_adjoint(X_tr, Y_tr, X_te, Y_te, w0, lr, steps, order, kernel, workers
     (order 2: exact adjoint; order 1: first order, dCE/dY_tr = 0 returned as None).
     X_tr (m, D), Y_tr (m, k), w0 (k, D). Returns ce (), fit (3,), dY_tr (m, k) or None, dY_te or None.
     The loop works classes first: logits, probabilities and residuals are (k, m), as the products give and take
-    them without transposes, and the softmax runs along the m contiguous values of each class. workers: how many
-    subsets run at once, sharing KEEP_PROBS_BYTES."""
+    them without transposes, and the softmax runs along the m contiguous values of each class. workers > 1: several
+    subsets run at once, and each keeps its iterates (k x D a step), not its softmax outputs (k x m a step)."""
     m, k = Y_tr.shape
     ops, c = gemms(X_tr, k, kernel, km=True), lr / m
     Yt = Y_tr.T.contiguous()  # (k, m)
-    keep_probs = order == 2 and workers * steps * m * k * X_tr.element_size() <= KEEP_PROBS_BYTES
+    keep_probs = order == 2 and workers == 1 and steps * m * k * X_tr.element_size() <= KEEP_PROBS_BYTES
     w, probs, iterates, P0 = w0, [], [], None
     for t in range(steps):
         if order == 2 and not keep_probs:
