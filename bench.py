@@ -36,7 +36,7 @@ import outer
 import products
 from inputs import Rows
 from model import init_inner, make_task_encoder, sample_subsets
-from flags import default_device, device, int_in, make_parser
+from flags import choice_list, default_device, device, int_in, int_list, make_parser
 from utils import DEMO
 
 SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
@@ -219,16 +219,19 @@ def main():
     p = make_parser(__doc__)
     p.add_argument("--scale", nargs="+", choices=list(SCALES), default=["demo"], help="named problem sizes")
     p.add_argument("--methods", default="adjoint,unrolled,first_order",
+                   type=choice_list(("adjoint", "bf16", "unrolled", "first_order")),
                    help="comma list of methods to time: adjoint, bf16 (adjoint with --bf16), unrolled, first_order")
     p.add_argument("--n", type=int_in(2), help="number of synthetic points (paper/imagenet); subsets covering most "
                    "points switch the engine to wide shared GEMMs")
     p.add_argument("--num_subsets", type=int_in(1), help="override the scale's subsets per outer iteration")
-    p.add_argument("--adaptation_steps", help="override the scale's inner steps; a comma list measures each")
+    p.add_argument("--adaptation_steps", type=int_list(1),
+                   help="override the scale's inner steps; a comma list measures each")
     p.add_argument("--iters", type=int_in(1), default=2, help="timed outer iterations (median reported)")
     p.add_argument("--warmup", type=int_in(0), default=1, help="untimed outer iterations first")
     p.add_argument("--device", type=device, default=default_device())
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
-    p.add_argument("--nproc", default="1", help="comma list of process counts (torchrun) to report scaling")
+    p.add_argument("--nproc", default="1", type=int_list(1),
+                   help="comma list of process counts (torchrun) to report scaling")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--cv_score", help="comma list of demo, paper, two_spaces: time the label-free CV score there, "
                    "ours beside scikit-learn's, instead of the outer iterations (scikit-learn's takes minutes)")
@@ -255,10 +258,10 @@ def main():
         c = dict(SCALES[scale])
         c["n"] = a.n or c["n"]
         c["S"] = a.num_subsets or c["S"]
-        steps = [int(t) for t in a.adaptation_steps.split(",")] if a.adaptation_steps else [c["T"]]
-        for T, nproc in [(T, P) for T in steps for P in map(int, a.nproc.split(","))]:
+        steps = a.adaptation_steps or [c["T"]]
+        for T, nproc in [(T, P) for T in steps for P in a.nproc]:
             ref = None
-            for method in sorted(a.methods.split(","), key=lambda x: x != "unrolled"):  # reference first
+            for method in sorted(a.methods, key=lambda x: x != "unrolled"):  # reference first
                 job = dict(c, scale=scale, T=T, method=method, device=a.device, tf32=a.tf32, iters=a.iters,
                            warmup=a.warmup, nproc=nproc)
                 r = run_job(job)

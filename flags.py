@@ -78,6 +78,27 @@ def int_in(lo, hi=None, what=None):
 seed_int = int_in(0, 2 ** 32 - 1, "between 0 and 2**32 - 1 (numpy's range)")  # every --seed
 
 
+def int_list(lo):
+    """The argparse type of a comma list of integers >= lo ("100,300")."""
+    one = int_in(lo)
+
+    def parse(text):
+        return [one(t) for t in text.split(",")]
+    parse.__name__ = f"comma list of integers >= {lo}"
+    return parse
+
+
+def choice_list(choices):
+    """The argparse type of a comma list of names from choices ("adjoint,bf16")."""
+    def parse(text):
+        names = text.split(",")
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(choices)}, got {bad[0]!r}")
+        return names
+    return parse
+
+
 def device_problem(name):
     """What is wrong with torch device name here ("NAME: reason; fix"), or None: cpu, cuda[:i] when CUDA and that
     device are there, mps when available."""

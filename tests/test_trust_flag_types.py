@@ -1,4 +1,4 @@
-"""Every script's numeric and device flags go through the shared argparse types (utils.py): a bad value is one stderr
+"""Every script's numeric and device flags go through the shared argparse types (flags.py): a bad value is one stderr
 line "error: --flag must be ..." naming the flag, exit code 2, no traceback, nothing written. Values float() or
 int() would take but a reader would not ('1_0', '²', Arabic-Indic digits, inf, nan) are refused too.
 """
@@ -159,3 +159,12 @@ def test_a_good_value_still_runs(P, tmp_path):
     code, _, err = cli(baselines.main, ["--method", "kmeans", "--phi_path", P["phi2"], "--gt_labels_path",
                                         P["labels"], "--k", "+3", "--seed", "007", "--quiet"])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("bad, needle", [(["--adaptation_steps", "100,²"], "--adaptation_steps"),
+                                         (["--nproc", "0"], "--nproc"),
+                                         (["--methods", "adjoint,magic"], "--methods")])
+def test_bench_comma_lists_are_checked(bad, needle):
+    """bench.py's comma-list flags: one line naming the flag, exit 2 (it parses sys.argv: a real process)."""
+    from helpers import assert_clean_failure, run_script
+    assert_clean_failure(run_script("bench.py", bad), [needle])
