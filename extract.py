@@ -213,6 +213,8 @@ def main(argv=None):
             group.write(sources_path, write_sources)
             if labels.min() >= 0:  # torchvision marks unlabeled images (STL-10 unlabeled) with -1
                 group.write(label_path, lambda tmp: np.save(tmp, labels))
+            else:  # an older extraction's labels would no longer match these rows
+                group.remove(label_path)
     except OSError as e:  # unreadable image; DataLoader workers wrap the message in a traceback
         raise HumeError(f"{str(e).strip().splitlines()[-1]}; nothing was written") from None
     if labels.min() >= 0:

@@ -58,11 +58,9 @@ class OutputGroup:
         """write_fn(tmp) writes the file; returns what it returns. A failed write raises "cannot write PATH"."""
         check_replaceable(path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path),
-                                       dir=os.path.dirname(os.path.abspath(path)))
+            tmp = _temporary_beside(path)
         except OSError as e:
             raise write_error(path, e) from None
-        os.close(fd)
         self.staged.append((tmp, path))
         try:
             result = write_fn(tmp)
@@ -76,11 +74,23 @@ class OutputGroup:
     def write_bytes(self, path, data):
         self.write(path, lambda tmp: _write_file(tmp, data))
 
+    def remove(self, path):
+        """Stage the removal of path (an old file the group's new ones would contradict): moved aside at commit,
+        in order with the renames, put back if the group fails."""
+        check_replaceable(path)
+        self.staged.append((None, path))
+
     def commit(self):
         done, path = [], None  # (target, hard link to its old file or None), in the order renamed
         try:
             for tmp, path in self.staged:
                 check_replaceable(path)  # a link or device planted since write()
+                if tmp is None:  # a removal: the old file is moved aside, deleted once the group is in
+                    if os.path.lexists(path):
+                        aside = _temporary_beside(path)
+                        os.replace(path, aside)
+                        done.append((path, aside))
+                    continue
                 old = _keep_old(tmp, path) if len(self.staged) > 1 else None
                 try:
                     os.replace(tmp, path)
@@ -104,7 +114,8 @@ class OutputGroup:
 
     def discard(self):
         for tmp, _ in self.staged:
-            _remove_quietly(tmp)
+            if tmp:
+                _remove_quietly(tmp)
         self.staged = []
 
     def __enter__(self):
@@ -115,6 +126,13 @@ class OutputGroup:
             self.commit()
         else:
             self.discard()
+
+
+def _temporary_beside(path):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="_" + os.path.basename(path),
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    return tmp
 
 
 def _keep_old(tmp, path):

@@ -77,6 +77,35 @@ def test_a_failed_later_rename_puts_back_the_files_already_renamed(old, monkeypa
     assert tree(folder) == before  # old contents back (or no file when there was none), no temporaries
 
 
+def test_a_removal_in_the_group_goes_with_it(old):
+    """An old file the new ones contradict (a labels file of a re-extraction that has none) is removed at commit."""
+    folder, paths = old
+    with files.OutputGroup() as g:
+        g.write(paths[0], writer(b"new 0"))
+        g.write(paths[1], writer(b"new 1"))
+        g.remove(paths[2])
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in paths[:2])
+    assert [open(p, "rb").read() for p in paths[:2]] == [b"new 0", b"new 1"]
+
+
+def test_a_removal_is_undone_when_a_later_rename_fails(old, monkeypatch):
+    folder, paths = old
+    before = tree(folder)
+    real = os.replace
+
+    def replace(src, dst):
+        if dst == paths[1]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(HumeError, match=f"cannot write {paths[1]}"):
+        with files.OutputGroup() as g:
+            g.write(paths[0], writer(b"new 0"))
+            g.remove(paths[2])
+            g.write(paths[1], writer(b"new 1"))
+    assert tree(folder) == before  # the removed file is back, the renamed one old again, no temporaries
+
+
 def test_an_exception_inside_the_block_discards_the_group(old):
     folder, paths = old
     before = tree(folder)
