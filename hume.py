@@ -143,8 +143,9 @@ def plan_kernels(cfg, data, n, m, m_tr, world):
     plans = [products.plan(n, m, m_tr, p.shape[1] + 1, cfg.k, S, cfg.device, cfg.bf16, only) for p in data.phi2]
     for p in plans:
         log(f"inner products: {p.summary()}", cfg.quiet)
-        if products.advice(p):
-            warn(products.advice(p))
+        advice = products.advice(p)
+        if advice:
+            warn(advice)
     return plans
 
 
@@ -180,7 +181,8 @@ def resume_hint(cfg):
 
 
 def finish(cfg, data, steps, encoder, state):
-    """Predictions on the evaluation set, the label-free CV score, and the paper's two files (atomic)."""
+    """Predictions on the evaluation set, the label-free CV score, and the paper's two files with the scored log
+    (one unit: runs.commit)."""
     preds = predict(encoder.weight, Rows(data.phi1_val, cfg.device, cfg.normalize))
     t0 = time.time()
     cv = float(np.mean([cv_score(p, preds) for p in data.phi2_val]))  # several spaces: mean over them
