@@ -25,12 +25,13 @@ import csv
 import numpy as np
 from tqdm import tqdm
 
-from metrics import cluster_acc, ensemble
-from model import find_tasks, task_predictions
-from selection import allocate, pick
-from files import atomic_write, check_output_file, json_save
-from flags import int_in, make_parser
-from utils import DEMO, HumeError, check_rows, l2_normalize, load_array, load_labels, log, run_cli, warn
+from humelib.arrays import DEMO, check_rows, l2_normalize, load_array, load_labels
+from humelib.fileio import atomic_write, check_output_file, json_save
+from humelib.flags import int_in, make_parser
+from humelib.metrics import cluster_acc, ensemble
+from humelib.runtime import HumeError, log, run_cli, warn
+from humelib.selection import allocate, pick
+from humelib.task_encoder import find_tasks, task_predictions
 
 
 def build_parser():

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metrics import all_metrics
-from files import check_output_file, json_save
-from flags import int_in, make_parser, nonnegative_float, positive_float, seed_int
-from utils import DEMO, HumeError, load_array, load_labels, log, run_cli, warn
+from humelib.arrays import DEMO, load_array, load_labels
+from humelib.fileio import check_output_file, json_save
+from humelib.flags import int_in, make_parser, nonnegative_float, positive_float, seed_int
+from humelib.metrics import all_metrics
+from humelib.runtime import HumeError, log, run_cli, warn
 
 
 def build_parser():

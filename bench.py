@@ -31,13 +31,11 @@ import time
 import numpy as np
 import torch
 
-import distributed
-import outer
-import products
-from inputs import Rows
-from model import init_inner, make_task_encoder, sample_subsets
-from flags import choice_list, default_device, device, int_in, int_list, make_parser
-from utils import DEMO
+from humelib import distributed, outer, products
+from humelib.arrays import DEMO
+from humelib.embeddings import Rows
+from humelib.flags import choice_list, default_device, device, int_in, int_list, make_parser
+from humelib.task_encoder import init_inner, make_task_encoder, sample_subsets
 
 SCALES = {  # synthetic data of the paper's sizes; demo = the bundled digits (inductive train split)
     "demo": dict(n=None, d1=None, d2=None, k=10, subset_size=10000, train_fraction=0.9, S=5, T=100),
@@ -195,7 +193,7 @@ def time_cv_scores(sizes, n=10000):
     import warnings
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import KFold, cross_val_score
-    from cvscore import cv_score
+    from humelib.cvscore import cv_score
     rng = np.random.default_rng(0)
     print(f"{'CV score':11} {'spaces':>14} {'ours s':>8} {'sklearn s':>9} {'speed-up':>8} {'ours':>7} {'sklearn':>7}")
     for size in sizes:

@@ -13,12 +13,13 @@ label-free CV score, then each point takes the majority vote. Ground truth is us
 
 import numpy as np
 
-import inner_lr
-from metrics import all_metrics, ensemble
-from model import find_tasks, task_predictions
-from files import check_output_file, json_save, load_results
-from flags import make_parser
-from utils import DEMO, check_rows, load_array, load_labels, log, run_cli
+from humelib import inner_lr
+from humelib.arrays import DEMO, check_rows, load_array, load_labels
+from humelib.fileio import check_output_file, json_save, load_results
+from humelib.flags import make_parser
+from humelib.metrics import all_metrics, ensemble
+from humelib.runtime import log, run_cli
+from humelib.task_encoder import find_tasks, task_predictions
 
 
 def build_parser():

@@ -26,11 +26,12 @@ from numpy.lib.format import open_memmap
 from torchvision import datasets
 from tqdm import tqdm
 
-from backbones import build_backbone
-from files import OutputGroup, check_output_file, ensure_dir, restricted_load
-from images import CarryErrors, Failed, check_image_files, collate, read_image
-from flags import default_device, device, finite_float, int_in, make_parser, positive_float, seed_int
-from utils import HumeError, l2_normalize, log, run_cli, source_problem
+from humelib.arrays import l2_normalize, source_problem
+from humelib.backbones import build_backbone
+from humelib.fileio import OutputGroup, check_output_file, ensure_dir, restricted_load
+from humelib.flags import default_device, device, finite_float, int_in, make_parser, positive_float, seed_int
+from humelib.images import CarryErrors, Failed, check_image_files, collate, read_image
+from humelib.runtime import HumeError, log, run_cli
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any

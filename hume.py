@@ -22,20 +22,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import config
-import distributed
-import inner_lr
-import outer
-import products
-from inputs import Rows, load_data
-from cvscore import cv_score
-from metrics import all_metrics
-from model import init_inner, make_task_encoder, predict, sample_subsets
-import runs
-from files import append_jsonl, ensure_dir, torch_bytes, torch_save
-from runs import keep_log_until, seed_lock, start_log
-from utils import HumeError, interruptible, log, release_freed_memory, run_cli, seed_everything, summary, warn
+from humelib import checkpoint, distributed, hume_args, inner_lr, outer, products, run_folder
+from humelib.cvscore import cv_score
+from humelib.embeddings import Rows, load_data
+from humelib.fileio import append_jsonl, ensure_dir, torch_bytes, torch_save
+from humelib.metrics import all_metrics
+from humelib.run_folder import keep_log_until, seed_lock, start_log
+from humelib.runtime import HumeError, interruptible, log, release_freed_memory, run_cli, seed_everything, summary, warn
+from humelib.task_encoder import init_inner, make_task_encoder, predict, sample_subsets
 
 MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterations
 
@@ -182,7 +176,7 @@ def resume_hint(cfg):
 
 def finish(cfg, data, steps, encoder, state):
     """Predictions on the evaluation set, the label-free CV score, and the paper's two files with the scored log
-    (one unit: runs.commit)."""
+    (one unit: run_folder.commit)."""
     preds = predict(encoder.weight, Rows(data.phi1_val, cfg.device, cfg.normalize))
     t0 = time.time()
     cv = float(np.mean([cv_score(p, preds) for p in data.phi2_val]))  # several spaces: mean over them
@@ -194,13 +188,13 @@ def finish(cfg, data, steps, encoder, state):
                "inner_fit": {"first": state.get("inner_fit_first"), "last": state.get("inner_fit_last")}}
     if data.y_val is not None:
         results["metrics"] = all_metrics(data.y_val, preds)
-    runs.commit(cfg.exp_path, cfg.seed, f"linear_task_{cfg.seed}.pt",
+    run_folder.commit(cfg.exp_path, cfg.seed, f"linear_task_{cfg.seed}.pt",
                 torch_bytes({k: v.cpu() for k, v in encoder.state_dict().items()}), results)
     return results
 
 
 def main(argv=None):
-    cfg = config.parse(__doc__, argv)
+    cfg = hume_args.parse(__doc__, argv)
     world = distributed.init(cfg.num_subsets, cfg.device) if distributed.launched() else None
     if world:
         cfg = dataclasses.replace(cfg, device=world.device, quiet=cfg.quiet or world.rank != 0)
@@ -216,11 +210,11 @@ def main(argv=None):
 def run(cfg, world):
     data = load_data(cfg)
     ensure_dir(cfg.exp_path, "--exp_path")  # only after every input check passed: bad input writes nothing
-    runs.check(cfg.exp_path, cfg.seed, "hume")  # every output, and the seed not run_turtle.py's, before any work
+    run_folder.check(cfg.exp_path, cfg.seed, "hume")  # every output, and the seed not run_turtle.py's, before any work
     if world and world.rank != 0:
         return train_and_finish(cfg, data, world)
     with seed_lock(cfg.exp_path, cfg.seed):  # a second run of this seed into this folder is refused
-        runs.claim(cfg.exp_path, cfg.seed, "hume")
+        run_folder.claim(cfg.exp_path, cfg.seed, "hume")
         try:
             return train_and_finish(cfg, data, world)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue

@@ -28,14 +28,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import montage
-from metrics import align_to, all_metrics, cluster_acc, contingency
-from metrics import ensemble as vote_ensemble
-from model import find_tasks, task_predictions
-from files import atomic_write, check_output_file, ensure_dir, load_results, read_jsonl
-from flags import int_in, make_parser
-from utils import (HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, load_sources, log,
-                   run_cli, sources_path)
+from humelib import montage
+from humelib.arrays import (check_rows, check_source_files, find_sources, load_array, load_labels, load_sources,
+                            sources_path)
+from humelib.fileio import atomic_write, check_output_file, ensure_dir, load_results, read_jsonl
+from humelib.flags import int_in, make_parser
+from humelib.metrics import align_to, all_metrics, cluster_acc, contingency
+from humelib.metrics import ensemble as vote_ensemble
+from humelib.runtime import HumeError, log, run_cli
+from humelib.task_encoder import find_tasks, task_predictions
 
 METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100

@@ -32,11 +32,12 @@ import shutil
 
 import numpy as np
 
-from metrics import align_tasks, align_to, all_metrics, majority_vote
-from model import find_tasks, task_predictions
-from files import OutputGroup, check_output_file
-from flags import make_parser
-from utils import HumeError, check_rows, check_source_files, find_sources, load_array, load_labels, log, run_cli
+from humelib.arrays import check_rows, check_source_files, find_sources, load_array, load_labels
+from humelib.fileio import OutputGroup, check_output_file
+from humelib.flags import make_parser
+from humelib.metrics import align_tasks, align_to, all_metrics, majority_vote
+from humelib.runtime import HumeError, log, run_cli
+from humelib.task_encoder import find_tasks, task_predictions
 
 
 def build_parser():

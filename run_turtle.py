@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import runs
-from cvscore import cv_score, turtle_cv_score
-from files import append_jsonl, ensure_dir, torch_bytes, torch_save
-from metrics import all_metrics
-from model import export_turtle_task, make_turtle_encoder, turtle_predict
-from runs import keep_log_until, seed_lock, start_log
-from turtle_step import init_inner, inner_adam, outer_step
-from flags import default_device, device, int_in, make_parser, nonnegative_float, positive_float, seed_int
-from utils import (DEMO, HumeError, check_rows, first_line, interruptible, load_array, load_labels, log, run_cli,
-                   seed_everything, summary)
+from humelib import run_folder
+from humelib.arrays import DEMO, check_rows, load_array, load_labels
+from humelib.cvscore import cv_score, turtle_cv_score
+from humelib.fileio import append_jsonl, ensure_dir, torch_bytes, torch_save
+from humelib.flags import default_device, device, int_in, make_parser, nonnegative_float, positive_float, seed_int
+from humelib.metrics import all_metrics
+from humelib.run_folder import keep_log_until, seed_lock, start_log
+from humelib.runtime import HumeError, first_line, interruptible, log, run_cli, seed_everything, summary
+from humelib.task_encoder import export_turtle_task, make_turtle_encoder, turtle_predict
+from humelib.turtle_step import init_inner, inner_adam, outer_step
 
 # settings a resumed run must share with the run it continues (--T may grow)
 FIXED = ("k", "gamma", "inner_lr", "outer_lr", "batch_size", "M", "warm_start", "seed", "phi_paths")
@@ -229,7 +229,7 @@ def finish(args, d, theta, seconds):
                "gt_labels_path": d["y_path"]}
     if d["y_val"] is not None:
         results["metrics"] = all_metrics(d["y_val"], preds)
-    runs.commit(args.exp_path, args.seed, f"turtle_task_{args.seed}.pt", torch_bytes(export_turtle_task(theta)),
+    run_folder.commit(args.exp_path, args.seed, f"turtle_task_{args.seed}.pt", torch_bytes(export_turtle_task(theta)),
                 results)
     return results
 
@@ -242,9 +242,9 @@ def main(argv=None):
     mode = "inductive" if d["phis_val"] is not d["phis"] else "transductive"
     log(f"TURTLE {mode}: n={len(d['phis'][0])} dims={[a.shape[1] for a in d['phis']]} k={args.k} -> "
         f"{args.exp_path}", args.quiet)
-    runs.check(args.exp_path, args.seed, "turtle")  # every output, and the seed not hume.py's, before any work
+    run_folder.check(args.exp_path, args.seed, "turtle")  # every output, and the seed not hume.py's, before any work
     with seed_lock(args.exp_path, args.seed):  # a second run of this seed into this folder is refused
-        runs.claim(args.exp_path, args.seed, "turtle")
+        run_folder.claim(args.exp_path, args.seed, "turtle")
         try:
             theta, seconds = train(args, d)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue

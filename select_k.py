@@ -29,11 +29,11 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-import config
-from inputs import load_data
-from files import check_output_file, ensure_dir, json_save, load_results
-from flags import make_parser, seed_int
-from utils import HumeError, log, run_cli
+from humelib import hume_args
+from humelib.embeddings import load_data
+from humelib.fileio import check_output_file, ensure_dir, json_save, load_results
+from humelib.flags import make_parser, seed_int
+from humelib.runtime import HumeError, log, run_cli
 
 HUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hume.py")
 
@@ -94,11 +94,11 @@ def hume_flags(extra):
 
 def hume_settings(extra):
     """The settings hume.py will run with (k aside): parsed and checked as hume.py does."""
-    parser = config.build_parser("hume.py")
+    parser = hume_args.build_parser("hume.py")
     parser.prog = "hume.py (flags passed on by select_k.py)"
     args = parser.parse_args(extra + ["--k", "2"])
-    config.check_args(args)
-    return config.settings(args)
+    hume_args.check_args(args)
+    return hume_args.settings(args)
 
 
 def check_grid(ks, extra, out, json_path):

@@ -1,4 +1,4 @@
-# Put the repo root on sys.path so the tests can `import utils` / `import sparsemax` under a bare `pytest`
+# Put the repo root on sys.path so the tests can `import humelib` and the scripts under a bare `pytest`
 # too (`python -m pytest` adds the working directory itself; plain `pytest` only adds tests/).
 import os
 import sys

@@ -122,7 +122,7 @@ def cli(main, argv):
     (exit code, stdout, stderr). An exception that run_cli lets through (a traceback) propagates to the test."""
     import contextlib
     import io
-    from utils import run_cli
+    from humelib.runtime import run_cli
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import annotate
-import selection
+from humelib import selection
 from helpers import describe, hungarian_acc, run_chain_in_process, save_npy, write_paper_task
-from utils import HumeError
+from humelib.runtime import HumeError
 
 K, N = 4, 200
 

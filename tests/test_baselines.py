@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 
 import baselines
 from helpers import blobs, describe, hungarian_acc, run_chain_in_process, write_problem
-from utils import HumeError
+from humelib.runtime import HumeError
 
 
 @pytest.fixture(scope="module", autouse=True)

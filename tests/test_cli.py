@@ -279,8 +279,8 @@ def test_evaluate_json_into_new_folder(chain):
 # ---------------------------------------------------------------- 5. the bundled demo
 
 def test_demo_defaults(chain):
-    import utils
-    assert sorted(DEMO_FILES) == sorted(utils.DEMO[k] for k in ("phi1_train", "phi1_test", "phi2_train",
+    from humelib import arrays
+    assert sorted(DEMO_FILES) == sorted(arrays.DEMO[k] for k in ("phi1_train", "phi1_test", "phi2_train",
                                                                 "phi2_test", "labels_test"))
     procs, c = chain("demo")
     for p in procs:
@@ -288,7 +288,7 @@ def test_demo_defaults(chain):
     assert len(procs) == 2
     res = load_results(os.path.join(c["out"], "results_42.pickle"))
     assert len(res["preds"]) == DEMO_TEST_POINTS, "the demo must be scored on its test split"
-    x, y = np.load(utils.DEMO["phi1_test"]), np.load(utils.DEMO["labels_test"])
+    x, y = np.load(arrays.DEMO["phi1_test"]), np.load(arrays.DEMO["labels_test"])
     W = load_task(os.path.join(c["out"], "linear_task_42.pt"), x.shape[1], 10)  # the default --k 10
     assert np.array_equal((torch.from_numpy(x).double() @ W.T).argmax(1).numpy(), np.asarray(res["preds"]))
     with open(c["json"]) as f:

@@ -8,8 +8,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 
-import cvscore
-from utils import DEMO
+from humelib import cvscore
+from humelib.arrays import DEMO
 
 
 def sklearn_cv(X, y, folds, C, max_iter, tol):

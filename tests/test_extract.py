@@ -12,11 +12,11 @@ import torch
 import torchvision
 from PIL import Image
 
+import extract
+from helpers import cli as run_main
+from humelib import backbones
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import backbones  # noqa: E402
-import extract  # noqa: E402
-from helpers import cli as run_main  # noqa: E402
 
 FAST = ["--image_size", "32", "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
 

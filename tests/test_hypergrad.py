@@ -2,10 +2,8 @@
 import pytest
 import torch
 
-import hypergrad
-import model
-import outer
-from inputs import Rows
+from humelib import hypergrad, outer, task_encoder
+from humelib.embeddings import Rows
 
 
 def problem(n=40, d1=6, d2=5, k=3, dtype=torch.float64, seed=0, scale=3.0):
@@ -14,7 +12,7 @@ def problem(n=40, d1=6, d2=5, k=3, dtype=torch.float64, seed=0, scale=3.0):
     phi2 = torch.randn(n, d2, generator=g, dtype=dtype) * scale
     phi2a = torch.cat([phi2, torch.ones(n, 1, dtype=dtype)], 1)
     torch.manual_seed(seed)
-    encoder = model.make_task_encoder(d1, k).to(dtype)
+    encoder = task_encoder.make_task_encoder(d1, k).to(dtype)
     return phi1, phi2a, encoder, g
 
 
@@ -54,8 +52,8 @@ def test_hypergradient_matches_finite_differences(layout_n, layout, monkeypatch)
     use_layout(monkeypatch, layout)
     phi1, phi2a, encoder, g = problem(n=layout_n)
     S, m, m_tr = 2, 30, 20
-    idx = model.sample_subsets(g, layout_n, S, m)
-    w0 = model.init_inner(g, S, 3, 5, torch.float64)
+    idx = task_encoder.sample_subsets(g, layout_n, S, m)
+    w0 = task_encoder.init_inner(g, S, 3, 5, torch.float64)
     a = (phi1, phi2a, idx, m_tr, w0, 0.3, settings())
     _, grad = grad_of(encoder, *a)
     theta = next(encoder.parameters()).detach().flatten()
@@ -95,8 +93,8 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
     S = 3
     m = min(m, n)
     m_tr = int(frac * m)
-    idx = model.sample_subsets(g, n, S, m)
-    w0 = model.init_inner(g, 1 if fixed else S, k, d2, dtype).expand(S, -1, -1)
+    idx = task_encoder.sample_subsets(g, n, S, m)
+    w0 = task_encoder.init_inner(g, 1 if fixed else S, k, d2, dtype).expand(S, -1, -1)
     common = (phi1, phi2a, idx, m_tr, w0, 0.2)
     loss_a, grad_a = grad_of(encoder, *common, settings("adjoint", inner_lr=0.5, steps=steps))
     loss_u, grad_u = grad_of(encoder, *common, settings("unrolled", inner_lr=0.5, steps=steps))
@@ -107,8 +105,8 @@ def test_adjoint_matches_unrolled(dtype, tol, n, d1, d2, k, steps, m, frac, fixe
 def test_blas_and_onednn_agree_on_the_hypergradient(monkeypatch):
     """The float32 hypergradient with oneDNN turned off (torch's own switch) matches the default run."""
     phi1, phi2a, encoder, g = problem(n=300, d1=10, d2=6, k=5, dtype=torch.float32)
-    idx = model.sample_subsets(g, 300, 3, 50)
-    w0 = model.init_inner(g, 3, 5, 6, torch.float32)
+    idx = task_encoder.sample_subsets(g, 300, 3, 50)
+    w0 = task_encoder.init_inner(g, 3, 5, 6, torch.float32)
     common = (phi1, phi2a, idx, 45, w0, 0.2, settings("adjoint", inner_lr=0.5, steps=6))
     loss_a, grad_a = grad_of(encoder, *common)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
@@ -118,8 +116,8 @@ def test_blas_and_onednn_agree_on_the_hypergradient(monkeypatch):
 
 def test_layouts_agree():
     phi1, phi2a, encoder, g = problem(n=80)
-    idx = model.sample_subsets(g, 80, 4, 60)
-    w0 = model.init_inner(g, 4, 3, 5, torch.float64)
+    idx = task_encoder.sample_subsets(g, 80, 4, 60)
+    w0 = task_encoder.init_inner(g, 4, 3, 5, torch.float64)
     W = encoder.weight.detach().requires_grad_(True)
     out = {}
     for lay in ("shared", "subset"):
@@ -136,12 +134,12 @@ def test_first_order_is_gradient_through_outer_labels_only(n, layout, monkeypatc
     use_layout(monkeypatch, layout)
     phi1, phi2a, encoder, g = problem(n=n)
     S, m, m_tr, steps, lr, tau = 2, 30, 20, 5, 0.1, 0.3
-    idx = model.sample_subsets(g, n, S, m)
-    w0 = model.init_inner(g, S, 3, 5, torch.float64)
+    idx = task_encoder.sample_subsets(g, n, S, m)
+    w0 = task_encoder.init_inner(g, S, 3, 5, torch.float64)
     args = settings(first_order=True, inner_lr=lr, steps=steps)
     _, grad = grad_of(encoder, phi1, phi2a, idx, m_tr, w0, tau, args)
     with torch.no_grad():  # w_T for the current theta, computed independently with plain loops
-        Y = model.labels(phi1, encoder.weight, tau)
+        Y = task_encoder.labels(phi1, encoder.weight, tau)
         wT = []
         for s in range(S):
             X, Yt, w = phi2a[idx[s, :m_tr]], Y[idx[s, :m_tr]], w0[s]
@@ -154,7 +152,7 @@ def test_first_order_is_gradient_through_outer_labels_only(n, layout, monkeypatc
         with torch.no_grad():
             saved = param.clone()
             param.copy_(theta.view_as(param))
-            Y = model.labels(phi1, encoder.weight, tau)
+            Y = task_encoder.labels(phi1, encoder.weight, tau)
             param.copy_(saved)
             total = 0.0
             for s in range(S):
@@ -176,8 +174,8 @@ def test_first_order_is_gradient_through_outer_labels_only(n, layout, monkeypatc
 
 def test_inner_fit_reports_training_progress():
     phi1, phi2a, encoder, g = problem(n=100)
-    idx = model.sample_subsets(g, 100, 2, 80)
-    w0 = model.init_inner(g, 2, 3, 5, torch.float64)
+    idx = task_encoder.sample_subsets(g, 100, 2, 80)
+    w0 = task_encoder.init_inner(g, 2, 3, 5, torch.float64)
     W = encoder.weight.detach()
     _, fit_short = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 60, w0, 0.05, 1, 1.0, "adjoint")
     _, fit_long = hypergrad.outer_losses(phi1, phi2a, W, 0.3, idx, 60, w0, 0.05, 200, 1.0, "adjoint")
@@ -188,8 +186,8 @@ def test_inner_fit_reports_training_progress():
 
 def test_two_identical_spaces_give_the_single_space_gradient():
     phi1, phi2a, encoder, g = problem(n=60)
-    idx = model.sample_subsets(g, 60, 3, 40)
-    w0 = model.init_inner(g, 3, 3, 5, torch.float64)
+    idx = task_encoder.sample_subsets(g, 60, 3, 40)
+    w0 = task_encoder.init_inner(g, 3, 3, 5, torch.float64)
     args = settings()
     loss1, grad1 = grad_of(encoder, phi1, phi2a, idx, 30, w0, 0.3, args)
     encoder.zero_grad(set_to_none=True)
@@ -206,8 +204,8 @@ def test_bf16_hypergradient_is_close_to_float32(n, layout, monkeypatch):
     percent of float32's on a problem of realistic shape (scaled down), and the loss within 1e-2."""
     use_layout(monkeypatch, layout)
     phi1, phi2a, encoder, g = problem(n=n, d1=32, d2=64, k=10, dtype=torch.float32)
-    idx = model.sample_subsets(g, n, 2, 1000)
-    w0 = model.init_inner(g, 2, 10, 64, torch.float32)
+    idx = task_encoder.sample_subsets(g, n, 2, 1000)
+    w0 = task_encoder.init_inner(g, 2, 10, 64, torch.float32)
     out = {}
     for bf16 in (False, True):
         args = settings(inner_lr=0.05, steps=30, bf16=bf16)

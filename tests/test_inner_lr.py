@@ -6,10 +6,10 @@ import pytest
 
 import evaluate
 import hume as hume_script
-import inner_lr
+from humelib import inner_lr
 from helpers import cli
-from files import load_results
-from utils import DEMO
+from humelib.arrays import DEMO
+from humelib.fileio import load_results
 
 # a short run on the demo (smaller inner budget than its README settings): ~10 s on a 2-core CPU
 SHORT = ["--outer_lr", "0.02", "--num_subsets", "2", "--adaptation_steps", "30", "--num_iters", "80",

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from inputs import Rows
+from humelib.embeddings import Rows
 
 
 def reference(x, normalize, scale, ones):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-import metrics
+from humelib import metrics
 
 
 # ---------------------------------------------------------------- independent references

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import montage
+from humelib import montage
 import plot
-import selection
+from humelib import selection
 from helpers import cli, save_npy, write_paper_task
 
 D1 = 30

@@ -14,7 +14,7 @@ import pytest
 import hume
 import plot
 from helpers import write_problem
-from utils import HumeError, run_cli
+from humelib.runtime import HumeError, run_cli
 
 TINY = ["--k", "4", "--num_iters", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "200",
         "--eval_every", "2", "--device", "cpu", "--quiet"]

@@ -7,9 +7,7 @@ import subprocess
 import pytest
 import torch
 
-import hypergrad
-import model
-import products
+from humelib import hypergrad, products, task_encoder
 from helpers import FAST, REPO, child_env, command, describe
 
 KM = [True, False]
@@ -109,9 +107,9 @@ def test_hypergradient_through_every_float32_kernel_matches_float64(layout):
     n, d1, d2, k, S, m, m_tr = 120, 6, 9, 4, 3, 60, 50
     phi1 = torch.nn.functional.normalize(torch.randn(n, d1, generator=g, dtype=torch.float64), dim=1)
     phi2a = torch.cat([torch.randn(n, d2, generator=g, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
-    W = model.make_task_encoder(d1, k).double().weight.detach()
-    idx = model.sample_subsets(g, n, S, m)
-    w0 = model.init_inner(g, S, k, d2, torch.float64)
+    W = task_encoder.make_task_encoder(d1, k).double().weight.detach()
+    idx = task_encoder.sample_subsets(g, n, S, m)
+    w0 = task_encoder.init_inner(g, S, k, d2, torch.float64)
 
     def loss_and_grad(dtype, method, kernel=None, workers=1):
         Wd = W.to(dtype).requires_grad_(True)

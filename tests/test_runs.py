@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import checkpoint
+from humelib import checkpoint
 import hume
 from helpers import cli, write_problem
 
@@ -94,7 +94,7 @@ def test_the_log_ends_with_the_score_and_the_plan_begins_it(tmp_path):
     """The first record says how the inner loops run (kernel, layout, timings of every candidate that ran); the last
     holds the CV score the results carry and the seconds it took, beside that evaluation's metrics."""
     import json
-    from files import load_results
+    from humelib.fileio import load_results
     p = write_problem(str(tmp_path / "data"), n=200)
     out = str(tmp_path / "run")
     assert cli(hume.main, paths(p) + BUDGET + ["--num_iters", "4", "--eval_every", "2", "--exp_path", out])[0] == 0

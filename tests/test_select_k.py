@@ -13,7 +13,7 @@ import pytest
 import hume
 import select_k
 from helpers import cli, describe, refused, run_script, save_npy
-from utils import HumeError
+from humelib.runtime import HumeError
 
 TINY = ["--num_iters", "30", "--num_subsets", "2", "--adaptation_steps", "20", "--outer_lr", "0.05",
         "--inner_lr", "auto", "--device", "cpu"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsemax import sparsemax
+from humelib.sparsemax import sparsemax
 
 
 def gen(seed):

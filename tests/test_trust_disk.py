@@ -13,8 +13,7 @@ import baselines
 import evaluate
 import hume
 import plot
-import files
-import utils
+from humelib import fileio, runtime
 from helpers import FAST, cli, refused, temp_files, write_problem
 
 
@@ -77,15 +76,15 @@ def test_hume_on_a_full_disk_is_one_line_and_leaves_no_half_line(P, full):
 @pytest.mark.parametrize("name", ["torch_save", "pickle_save", "json_save"])
 def test_atomic_writers_on_a_full_disk_raise_one_message_and_leave_nothing(full, name):
     path = os.path.join(full, "out.bin")
-    with pytest.raises(utils.HumeError, match=r"cannot write .*out\.bin \(No space left on device\)"):
-        getattr(files, name)({"x": list(range(20000))}, path)
+    with pytest.raises(runtime.HumeError, match=r"cannot write .*out\.bin \(No space left on device\)"):
+        getattr(fileio, name)({"x": list(range(20000))}, path)
     assert written(full) == []
 
 
 def test_append_jsonl_on_a_full_disk_cuts_back_its_partial_line(full):
     path = os.path.join(full, "log.jsonl")
-    with pytest.raises(utils.HumeError, match="No space left on device"):
-        files.append_jsonl(path, {"x": "y" * 20000})
+    with pytest.raises(runtime.HumeError, match="No space left on device"):
+        fileio.append_jsonl(path, {"x": "y" * 20000})
     assert open(path).read() == ""
 
 
@@ -144,7 +143,7 @@ def test_a_fresh_run_that_fails_early_keeps_the_finished_log(P, tmp_path, monkey
     before = open(log).read()
 
     def fail(*a, **k):
-        raise utils.HumeError("simulated failure in the first iteration")
+        raise runtime.HumeError("simulated failure in the first iteration")
     monkeypatch.setattr(hume.outer, "outer_step", fail)
     refused(cli(hume.main, argv), "simulated failure")
     assert open(log).read() == before

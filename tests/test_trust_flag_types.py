@@ -1,5 +1,5 @@
-"""Every script's numeric and device flags go through the shared argparse types (flags.py): a bad value is one stderr
-line "error: --flag must be ..." naming the flag, exit code 2, no traceback, nothing written. Values float() or
+"""Every script's numeric and device flags go through the shared argparse types (humelib.flags): a bad value is one
+stderr line "error: --flag must be ..." naming the flag, exit code 2, no traceback, nothing written. Values float() or
 int() would take but a reader would not ('1_0', '²', Arabic-Indic digits, inf, nan) are refused too.
 """
 import os
@@ -16,7 +16,7 @@ import predict
 import run_turtle
 import select_k
 from helpers import FAST, cli, refused, write_problem
-from flags import device_problem, int_in
+from humelib.flags import device_problem, int_in
 
 NO_CUDA = "cuda" if not torch.cuda.is_available() else "cuda:99"
 

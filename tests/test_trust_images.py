@@ -107,8 +107,8 @@ def test_extract_names_the_bad_image_in_one_line_and_writes_nothing(tmp_path, ca
 
 
 def test_a_bomb_is_refused_before_it_is_decoded_by_the_reader_itself(tmp_path):
-    from images import read_image
-    from utils import HumeError
+    from humelib.images import read_image
+    from humelib.runtime import HumeError
     with pytest.raises(HumeError, match="too many pixels"):
         read_image(bomb_png(str(tmp_path / "b.png")))
     assert read_image(png(str(tmp_path / "ok.png"))).size == (24, 20)

@@ -15,7 +15,7 @@ import annotate
 import baselines
 import evaluate
 import extract
-import files
+from humelib import fileio
 import plot
 import predict
 import select_k
@@ -145,7 +145,7 @@ def test_predict_labels_and_sorted_files_go_together_when_the_csv_rename_fails(r
         if str(dst).endswith(".csv"):
             raise OSError(errno.EIO, "Input/output error")
         return real(src, dst)
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     os.makedirs(tmp_path / "out")
     before = tree(str(tmp_path))
     refused(cli(predict.main, predict_argv(run, tmp_path, "--sort_into", tmp_path / "sorted")), "labels.csv")

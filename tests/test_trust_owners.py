@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import evaluate
-import files
+from humelib import fileio
 import hume
 import run_turtle
 from helpers import FAST, cli, refused, tree, write_paper_task, write_problem
@@ -175,7 +175,7 @@ def test_task_and_results_stay_one_unit_when_the_results_rename_fails(P, tmp_pat
         if str(dst).endswith("results_0.pickle"):
             raise OSError(errno.EIO, "Input/output error")
         return real(src, dst)
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     refused(cli(main, argv(P, folder, "--seed", "0", "--outer_lr" if method == "hume" else "--gamma", "0.5")),
             "results_0.pickle")
     assert pair() == before  # the new task was put back to the old one: the pair still matches

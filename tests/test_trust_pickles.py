@@ -13,8 +13,7 @@ import evaluate
 import hume
 import plot
 import select_k
-import files
-import utils
+from humelib import fileio, runtime
 from helpers import FAST, cli, refused, temp_files, write_paper_task, write_problem
 
 
@@ -55,7 +54,7 @@ def hostile_folder(tmp_path, marker):
 
 
 def test_restricted_unpickler_loads_ours_with_its_args(ours):
-    res = files.load_results(os.path.join(ours, "results_0.pickle"))
+    res = fileio.load_results(os.path.join(ours, "results_0.pickle"))
     assert isinstance(res["CV_Score"], float) and res["args"]["seed"] == 0 and len(res["preds"]) == 200
 
 
@@ -64,7 +63,7 @@ def test_restricted_unpickler_loads_a_paper_pickle(tmp_path):
     with open(path, "wb") as f:  # the paper's hume.py: a dict, HIGHEST_PROTOCOL, CV_Score as sklearn returns it
         pickle.dump({"CV_Score": np.mean(np.array([0.5, 0.75])), "preds": np.arange(10), "k": np.int64(4)}, f,
                     protocol=pickle.HIGHEST_PROTOCOL)
-    assert files.load_results(path)["CV_Score"] == 0.625
+    assert fileio.load_results(path)["CV_Score"] == 0.625
 
 
 @pytest.mark.parametrize("name, argv", [
@@ -169,6 +168,6 @@ def test_extract_reads_cifar100_label_files_with_the_restricted_unpickler(tmp_pa
     with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
         pickle.dump({"coarse_labels": Payload(marker)}, f)
     ds = SimpleNamespace(root=str(tmp_path), base_folder="cifar-100-python", train=True)
-    with pytest.raises(utils.HumeError, match="refuses to load object"):
+    with pytest.raises(runtime.HumeError, match="refuses to load object"):
         extract.cifar100_coarse_labels(ds)
     assert not os.path.exists(marker)

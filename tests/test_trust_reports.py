@@ -13,8 +13,7 @@ import annotate
 import evaluate
 import plot
 import select_k
-import cvscore
-import files
+from humelib import cvscore, fileio
 from helpers import cli, refused, write_paper_task, write_problem
 
 
@@ -127,7 +126,7 @@ def test_select_k_refuses_what_cannot_work_before_any_run(P, tmp_path, extra, ne
 
 def test_results_written_by_our_hume_carry_only_loadable_types(tmp_path):
     path = str(tmp_path / "results_0.pickle")
-    files.pickle_save({"CV_Score": 0.5, "args": {"inner_lr": [0.1, 0.2], "phi2_scale": np.float64(2.0),
+    fileio.pickle_save({"CV_Score": 0.5, "args": {"inner_lr": [0.1, 0.2], "phi2_scale": np.float64(2.0),
                                                  "phi2_path": ["a.npy"], "mmap": False, "phi1_path_val": None}}, path)
-    assert files.load_results(path)["args"]["phi2_scale"] == 2.0
+    assert fileio.load_results(path)["args"]["phi2_scale"] == 2.0
     assert pickle.load(open(path, "rb"))["CV_Score"] == 0.5  # and plain pickle (the paper's evaluate) still reads it

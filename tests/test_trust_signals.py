@@ -10,7 +10,7 @@ import time
 import torch
 
 import hume
-import runs
+from humelib import run_folder
 from helpers import FAST, REPO, child_env, cli, refused, temp_files, write_problem
 from test_sweep import SWEEP, bash, stand_ins
 
@@ -58,7 +58,7 @@ def test_second_run_of_the_same_seed_into_the_same_folder_is_refused(tmp_path):
     folder = str(tmp_path / "run")
     os.makedirs(folder)
     small = ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--exp_path", folder, "--k", "4", "--seed", "0"] + FAST
-    with runs.seed_lock(folder, 0):  # the first run, still going
+    with run_folder.seed_lock(folder, 0):  # the first run, still going
         refused(cli(hume.main, small), "seed 0 is already running", "--exp_path")
         assert sorted(os.listdir(folder)) == ["hume_0.lock"]
     assert cli(hume.main, small)[0] == 0  # the lock went with the first run
@@ -66,7 +66,7 @@ def test_second_run_of_the_same_seed_into_the_same_folder_is_refused(tmp_path):
 
 def test_lock_name_never_matches_the_papers_file_names(tmp_path):
     import re
-    with runs.seed_lock(str(tmp_path), 7) as path:
+    with run_folder.seed_lock(str(tmp_path), 7) as path:
         name = os.path.basename(path)
     assert not re.fullmatch(r"linear_task_(\d+)\.pt", name) and not re.fullmatch(r"results_(\d+)\.pickle", name)
 

@@ -1,4 +1,4 @@
-"""The one writer for outputs (files.OutputGroup, atomic_write, check_output_file): a group of files is committed
+"""The one writer for outputs (fileio.OutputGroup, atomic_write, check_output_file): a group of files is committed
 as one unit, all new or all old whatever write or rename fails; no output is written through a symbolic link or
 over a folder, FIFO or device (refused, never replaced); nothing but the target changes."""
 import errno
@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-import files
+from humelib import fileio
 from helpers import temp_files, tree
-from utils import HumeError
+from humelib.runtime import HumeError
 
 
 def put(path, data):
@@ -36,7 +36,7 @@ def old(tmp_path):
 
 def test_group_replaces_every_file_when_nothing_fails(old):
     folder, paths = old
-    with files.OutputGroup() as g:
+    with fileio.OutputGroup() as g:
         for i, p in enumerate(paths):
             g.write(p, writer(b"new %d" % i))
     assert [open(p, "rb").read() for p in paths] == [b"new 0", b"new 1", b"new 2"]
@@ -48,7 +48,7 @@ def test_a_failed_later_write_leaves_every_old_file(old, failing):
     folder, paths = old
     before = tree(folder)
     with pytest.raises(HumeError, match=f"cannot write {paths[failing]}.*No space left"):
-        with files.OutputGroup() as g:
+        with fileio.OutputGroup() as g:
             for i, p in enumerate(paths):
                 g.write(p, full_disk if i == failing else writer(b"new"))
     assert tree(folder) == before
@@ -69,9 +69,9 @@ def test_a_failed_later_rename_puts_back_the_files_already_renamed(old, monkeypa
         if len(calls) == failing + 1:  # the rename onto paths[failing]; the renames back still work
             raise OSError(errno.EIO, "Input/output error")
         return real(src, dst)
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     with pytest.raises(HumeError, match=f"cannot write {paths[failing]}"):
-        with files.OutputGroup() as g:
+        with fileio.OutputGroup() as g:
             for p in paths:
                 g.write(p, writer(b"new"))
     assert tree(folder) == before  # old contents back (or no file when there was none), no temporaries
@@ -80,7 +80,7 @@ def test_a_failed_later_rename_puts_back_the_files_already_renamed(old, monkeypa
 def test_a_removal_in_the_group_goes_with_it(old):
     """An old file the new ones contradict (a labels file of a re-extraction that has none) is removed at commit."""
     folder, paths = old
-    with files.OutputGroup() as g:
+    with fileio.OutputGroup() as g:
         g.write(paths[0], writer(b"new 0"))
         g.write(paths[1], writer(b"new 1"))
         g.remove(paths[2])
@@ -97,9 +97,9 @@ def test_a_removal_is_undone_when_a_later_rename_fails(old, monkeypatch):
         if dst == paths[1]:
             raise OSError(errno.EIO, "Input/output error")
         return real(src, dst)
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     with pytest.raises(HumeError, match=f"cannot write {paths[1]}"):
-        with files.OutputGroup() as g:
+        with fileio.OutputGroup() as g:
             g.write(paths[0], writer(b"new 0"))
             g.remove(paths[2])
             g.write(paths[1], writer(b"new 1"))
@@ -110,7 +110,7 @@ def test_an_exception_inside_the_block_discards_the_group(old):
     folder, paths = old
     before = tree(folder)
     with pytest.raises(KeyError):
-        with files.OutputGroup() as g:
+        with fileio.OutputGroup() as g:
             g.write(paths[0], writer(b"new"))
             raise KeyError("interrupted")
     assert tree(folder) == before
@@ -150,7 +150,7 @@ def test_atomic_write_refuses_a_target_that_is_not_a_regular_file(tmp_path, kind
     target = make_target(tmp_path, kind)
     before = tree(tmp_path)
     with pytest.raises(HumeError, match=WHY[kind]):
-        files.json_save({"acc": 1.0}, target)
+        fileio.json_save({"acc": 1.0}, target)
     assert tree(tmp_path) == before and not temp_files(str(tmp_path))
 
 
@@ -159,7 +159,7 @@ def test_check_output_file_refuses_it_before_any_work_naming_the_flag(tmp_path, 
     target = make_target(tmp_path, kind)
     before = tree(tmp_path)
     with pytest.raises(HumeError, match=f"--json {target}: .*{WHY[kind]}"):
-        files.check_output_file(target, "--json")
+        fileio.check_output_file(target, "--json")
     assert tree(tmp_path) == before
 
 
@@ -167,7 +167,7 @@ def test_a_target_replaced_by_a_link_between_write_and_commit_is_refused(tmp_pat
     target, victim = str(tmp_path / "task.pt"), tmp_path / "victim"
     put(victim, b"precious")
     with pytest.raises(HumeError, match="symbolic link"):
-        with files.OutputGroup() as g:
+        with fileio.OutputGroup() as g:
             g.write(target, writer(b"new"))
             os.symlink(victim, target)  # planted while the task was being written
     assert victim.read_bytes() == b"precious" and os.path.islink(target) and not temp_files(str(tmp_path))

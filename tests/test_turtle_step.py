@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import model
-import turtle_step
+from humelib import task_encoder, turtle_step
 
 
 def plain_inner_fit(inner, phis, Y, M, lr):
@@ -84,7 +83,7 @@ def test_outer_gradient_matches_autograd_through_plain_loss(dtype):
     dims, k, n, gamma = [5, 7], 3, 40, 10.0
     phis = [torch.randn(n, d, dtype=dtype) for d in dims]
     idx = torch.randperm(n)[:30]
-    theta = model.make_turtle_encoder(dims, k).to(dtype)
+    theta = task_encoder.make_turtle_encoder(dims, k).to(dtype)
     inner = torch.nn.ModuleList(torch.nn.Linear(d, k).to(dtype) for d in dims)
     Y, per_space = turtle_step.batch_labels(theta, turtle_step.gather_batch(phis, idx, k))
     loss = turtle_step.outer_loss(Y, per_space, inner, turtle_step.gather_batch(phis, idx, k), gamma)[0]
@@ -123,8 +122,8 @@ def test_outer_step_equals_a_plain_autograd_iteration():
     torch.manual_seed(1)
     dims, k, n, gamma, M = [6, 9], 3, 50, 10.0, 4
     phis = [torch.randn(n, d, dtype=torch.float64) * 2 for d in dims]
-    theta = model.make_turtle_encoder(dims, k).double()
-    ref_theta = model.make_turtle_encoder(dims, k).double()
+    theta = task_encoder.make_turtle_encoder(dims, k).double()
+    ref_theta = task_encoder.make_turtle_encoder(dims, k).double()
     ref_theta.load_state_dict(theta.state_dict())
     opt, ref_opt = (torch.optim.Adam(t.parameters(), lr=0.01) for t in (theta, ref_theta))
     for it in range(2):
@@ -133,7 +132,7 @@ def test_outer_step_equals_a_plain_autograd_iteration():
         ref_inner = copies(inner)
         losses = turtle_step.outer_step(theta, opt, inner, turtle_step.inner_adam(inner, 0.05), phis, idx, gamma, M)
         rows = [z[idx] for z in phis]
-        labels, per_space = model.turtle_labels(ref_theta, rows)
+        labels, per_space = task_encoder.turtle_labels(ref_theta, rows)
         plain_inner_fit(ref_inner, rows, labels.detach(), M, 0.05)
         ref_opt.zero_grad()
         ce = sum(torch.nn.functional.cross_entropy(w(z).detach(), labels) for w, z in zip(ref_inner, rows))

@@ -1,11 +1,10 @@
-"""utils.py and files.py: loading and checking arrays and labels, atomic files."""
+"""humelib.arrays and humelib.fileio: loading and checking arrays and labels, atomic files."""
 import os
 
 import numpy as np
 import pytest
 
-import files
-import utils
+from humelib import arrays, fileio, runtime
 
 
 # ---------------------------------------------------------------- load_array / load_labels
@@ -17,48 +16,48 @@ def save(tmp_path, name, arr):
 
 
 def raises_naming(path, fn, *args, **kwargs):
-    with pytest.raises(utils.HumeError) as info:
+    with pytest.raises(runtime.HumeError) as info:
         fn(path, "--flag", *args, **kwargs)
     assert path in str(info.value)
     return str(info.value)
 
 
 def test_load_array_rejects_a_missing_file_naming_it(tmp_path):
-    raises_naming(str(tmp_path / "nope.npy"), utils.load_array)
-    raises_naming(str(tmp_path / "nope.npy"), utils.load_labels)
+    raises_naming(str(tmp_path / "nope.npy"), arrays.load_array)
+    raises_naming(str(tmp_path / "nope.npy"), arrays.load_labels)
 
 
 def test_load_array_rejects_1d_integer_and_nonfinite_features_naming_the_file(tmp_path):
-    raises_naming(save(tmp_path, "flat.npy", np.zeros(5, np.float32)), utils.load_array)
-    raises_naming(save(tmp_path, "ints.npy", np.ones((4, 3), np.int64)), utils.load_array)
+    raises_naming(save(tmp_path, "flat.npy", np.zeros(5, np.float32)), arrays.load_array)
+    raises_naming(save(tmp_path, "ints.npy", np.ones((4, 3), np.int64)), arrays.load_array)
     for bad in (np.nan, np.inf, -np.inf):
         x = np.zeros((70000, 2), np.float64)  # bad value past the first 2^16-row chunk
         x[66000, 1] = bad
-        msg = raises_naming(save(tmp_path, "bad.npy", x), utils.load_array)
+        msg = raises_naming(save(tmp_path, "bad.npy", x), arrays.load_array)
         assert "66000" in msg
-        raises_naming(save(tmp_path, "bad.npy", x), utils.load_array, mmap=True)
-    raises_naming(save(tmp_path, "empty.npy", np.zeros((0, 3), np.float32)), utils.load_array)
+        raises_naming(save(tmp_path, "bad.npy", x), arrays.load_array, mmap=True)
+    raises_naming(save(tmp_path, "empty.npy", np.zeros((0, 3), np.float32)), arrays.load_array)
     path = str(tmp_path / "junk.npy")
     with open(path, "w") as f:
         f.write("not a npy file")
-    raises_naming(path, utils.load_array)
+    raises_naming(path, arrays.load_array)
 
 
 def test_load_array_accepts_valid_features(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 3))
-    got = utils.load_array(save(tmp_path, "ok.npy", x), "--flag")
+    got = arrays.load_array(save(tmp_path, "ok.npy", x), "--flag")
     assert got.dtype == np.float32 and got.shape == (6, 3) and got.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(got, x.astype(np.float32))
-    got = utils.load_array(save(tmp_path, "ok.npy", x), "--flag", mmap=True)
+    got = arrays.load_array(save(tmp_path, "ok.npy", x), "--flag", mmap=True)
     np.testing.assert_array_equal(np.asarray(got), x)
 
 
 def test_load_labels_rejects_non_integer_floats_and_wrong_length_naming_the_file(tmp_path):
-    raises_naming(save(tmp_path, "float.npy", np.array([0.0, 1.5, 2.0])), utils.load_labels)
-    raises_naming(save(tmp_path, "nan.npy", np.array([0.0, np.nan])), utils.load_labels)
-    raises_naming(save(tmp_path, "feats.npy", np.zeros((4, 3))), utils.load_labels)
-    raises_naming(save(tmp_path, "strs.npy", np.array(["a", "b"])), utils.load_labels)
-    msg = raises_naming(save(tmp_path, "short.npy", np.arange(5)), utils.load_labels, n=6)
+    raises_naming(save(tmp_path, "float.npy", np.array([0.0, 1.5, 2.0])), arrays.load_labels)
+    raises_naming(save(tmp_path, "nan.npy", np.array([0.0, np.nan])), arrays.load_labels)
+    raises_naming(save(tmp_path, "feats.npy", np.zeros((4, 3))), arrays.load_labels)
+    raises_naming(save(tmp_path, "strs.npy", np.array(["a", "b"])), arrays.load_labels)
+    msg = raises_naming(save(tmp_path, "short.npy", np.arange(5)), arrays.load_labels, n=6)
     assert "5" in msg and "6" in msg
 
 
@@ -66,7 +65,7 @@ def test_load_labels_accepts_valid_labels(tmp_path):
     for arr in (np.array([3, -1, 3, 7], np.int32), np.array([3.0, -1.0, 3.0, 7.0]),
                 np.array([[3], [-1], [3], [7]]),
                 np.array([[3, -1, 3, 7]])):
-        got = utils.load_labels(save(tmp_path, "y.npy", arr), "--flag", n=4)
+        got = arrays.load_labels(save(tmp_path, "y.npy", arr), "--flag", n=4)
         assert got.dtype == np.int64
         assert got.tolist() == [3, -1, 3, 7]
 
@@ -81,7 +80,7 @@ def test_atomic_write_replaces_the_target_and_leaves_no_temp_file(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
 
-    files.atomic_write(str(target), write)
+    fileio.atomic_write(str(target), write)
     assert target.read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
 
@@ -97,7 +96,7 @@ def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path,
         raise exc("boom")
 
     with pytest.raises(exc):
-        files.atomic_write(str(target), write)
+        fileio.atomic_write(str(target), write)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
 
@@ -109,12 +108,12 @@ def test_atomic_write_failure_leaves_target_untouched_and_no_temp_file(tmp_path,
         raise exc("boom")
 
     with pytest.raises(exc):
-        files.atomic_write(str(fresh), write_and_remove)
+        fileio.atomic_write(str(fresh), write_and_remove)
     assert sorted(os.listdir(tmp_path)) == ["out.txt"]
 
 
 def test_release_freed_memory_runs_where_glibc_has_malloc_trim():
     import platform
-    ran = utils.release_freed_memory()
+    ran = runtime.release_freed_memory()
     assert isinstance(ran, bool)
     assert ran == (platform.libc_ver()[0] == "glibc")

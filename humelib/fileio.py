@@ -1,6 +1,6 @@
 """Files: the one writer for outputs (atomic, groups of files committed as one unit, never through a symbolic link
 or over a device), one message for every failed write, JSON reports and JSON-lines logs, output checks made before
-any work, and the restricted unpickler every pickle we read goes through (runs.py: the run folder of a seed).
+any work, and the restricted unpickler every pickle we read goes through (run_folder: the run folder of a seed).
 """
 import contextlib
 import io
@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from utils import HumeError, first_line
+from humelib.runtime import HumeError, first_line
 
 
 def write_error(path, e):

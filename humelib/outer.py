@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-import distributed
-from hypergrad import outer_losses
+from humelib import distributed
+from humelib.hypergrad import outer_losses
 
 
 class Objective(NamedTuple):

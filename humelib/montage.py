@@ -8,8 +8,8 @@ thumbnail THUMB inches square at plot.py's DPI, so a page's pixel size is fixed 
 import numpy as np
 from matplotlib.figure import Figure
 
-from images import read_image
-from selection import pick
+from humelib.images import read_image
+from humelib.selection import pick
 
 ROWS_PER_PAGE = 20
 THUMB = 0.8  # inches per thumbnail (and per row)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsemax import sparsemax
-from files import load_results
-from utils import HumeError
+from humelib.fileio import load_results
+from humelib.runtime import HumeError
+from humelib.sparsemax import sparsemax
 
 TASK_FILE = re.compile(r"(?:linear|turtle)_task_(-?\d+)\.pt")  # not linear_task_{iter}_{seed}.pt (--save_all)
 

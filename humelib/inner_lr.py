@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from flags import positive_float
-from utils import log
+from humelib.flags import positive_float
+from humelib.runtime import log
 
 
 class Step(NamedTuple):

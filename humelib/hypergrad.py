@@ -39,9 +39,9 @@ from types import SimpleNamespace
 
 import torch
 
-from inputs import Rows
-from model import labels
-from products import default_kernel, gemms, run_concurrently, softmax
+from humelib.embeddings import Rows
+from humelib.products import default_kernel, gemms, run_concurrently, softmax
+from humelib.task_encoder import labels
 
 SHARED_RATIO = 1.2  # layout="auto" (no plan): shared when S > 1 subsets' union is <= 1.2 x m_tr rows (nearly all)
 KEEP_PROBS_BYTES = 256 * 2**20  # keep the inner softmax outputs for the backward pass when they fit in this

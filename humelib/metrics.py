@@ -1,6 +1,6 @@
 """Scores of a labeling against ground truth: clustering accuracy (Hungarian matching), ARI, NMI; aligning and
 ensembling labelings. Labels may be any integers; cluster and class counts may differ. (The label-free CV score lives
-in cvscore.py.)
+in cvscore.)
 """
 import math
 

@@ -11,8 +11,8 @@ import json
 import os
 import pickle
 
-from files import OutputGroup, check_output_file, json_ready, read_jsonl, write_bytes, write_error
-from utils import HumeError
+from humelib.fileio import OutputGroup, check_output_file, json_ready, read_jsonl, write_bytes, write_error
+from humelib.runtime import HumeError
 
 OWN = {"hume": ("linear_task_{}.pt", "checkpoint_{}.pt"),  # the files only that method writes
        "turtle": ("turtle_task_{}.pt", "turtle_checkpoint_{}.pt")}

@@ -4,10 +4,12 @@ select_k.py reuses the parser to check the flags it passes on to hume.py.
 """
 import dataclasses
 
-import products
-from inner_lr import inner_lr_type
-from flags import default_device, device, finite_float, int_in, make_parser, nonnegative_float, positive_float, seed_int
-from utils import DEMO, HumeError
+from humelib import products
+from humelib.arrays import DEMO
+from humelib.flags import (default_device, device, finite_float, int_in, make_parser, nonnegative_float, positive_float,
+                           seed_int)
+from humelib.inner_lr import inner_lr_type
+from humelib.runtime import HumeError
 
 
 def build_parser(doc):

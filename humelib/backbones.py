@@ -23,7 +23,7 @@ from huggingface_hub.utils import logging as hf_logging
 from torch import nn
 from torchvision import transforms as T
 
-from utils import HumeError, log
+from humelib.runtime import HumeError, log
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HEADS = ("fc", "classifier", "heads", "head")  # where torchvision models keep their classifier

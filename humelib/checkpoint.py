@@ -13,8 +13,8 @@ import random
 import numpy as np
 import torch
 
-from files import torch_save
-from utils import HumeError
+from humelib.fileio import torch_save
+from humelib.runtime import HumeError
 
 # settings a resumed run must share with the run it continues (the rest, e.g. --num_iters, may change)
 # (--inner_lr as given, a number or 'auto': auto's step follows from the data, which is checked too; --mmap changes

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import mean_softmax
-from products import gemms, probe, softmax
+from humelib.products import gemms, probe, softmax
+from humelib.task_encoder import mean_softmax
 
 
 def gather_batch(phis, idx, k):

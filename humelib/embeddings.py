@@ -9,7 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from utils import HumeError, check_rows, load_array, load_labels, warn
+from humelib.arrays import check_rows, load_array, load_labels
+from humelib.runtime import HumeError, warn
 
 
 class Rows:

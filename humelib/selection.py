@@ -8,7 +8,7 @@ cluster the earlier picks cover worst, so picks are never near each other (diver
 import numpy as np
 from tqdm import tqdm
 
-from utils import l2_normalize
+from humelib.arrays import l2_normalize
 
 MAX_POINTS = 5000  # larger clusters are represented by a fixed random sample of this many points (memory: m^2)
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from utils import HumeError
+from humelib.runtime import HumeError
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -31,7 +31,7 @@ def init(num_subsets, device):
     missing = [v for v in ENV if v not in os.environ]
     if missing:
         raise HumeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; launch with "
-                        "torchrun (see distributed.py), or unset WORLD_SIZE for a single process")
+                        "torchrun (see README, several GPUs), or unset WORLD_SIZE for a single process")
     size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if size > num_subsets:
         raise HumeError(f"{size} processes but --num_subsets {num_subsets}: every rank needs at least one "

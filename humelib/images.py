@@ -7,7 +7,8 @@ import warnings
 
 from torch.utils.data import Dataset, default_collate
 
-from utils import HumeError, first_line, source_problem
+from humelib.arrays import source_problem
+from humelib.runtime import HumeError, first_line
 
 
 def shown(path):
