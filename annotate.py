@@ -29,9 +29,10 @@ from humelib.arrays import DEMO, check_rows, l2_normalize, load_array, load_labe
 from humelib.fileio import atomic_write, check_output_file, json_save
 from humelib.flags import int_in, make_parser
 from humelib.metrics import cluster_acc, ensemble
+from humelib.run_folder import find_tasks
 from humelib.runtime import HumeError, log, run_cli, warn
 from humelib.selection import allocate, pick
-from humelib.task_encoder import find_tasks, task_predictions
+from humelib.task_encoder import task_predictions
 
 
 def build_parser():

@@ -18,8 +18,9 @@ from humelib.arrays import DEMO, check_rows, load_array, load_labels
 from humelib.fileio import check_output_file, json_save, load_results
 from humelib.flags import make_parser
 from humelib.metrics import all_metrics, ensemble
+from humelib.run_folder import find_tasks
 from humelib.runtime import log, run_cli
-from humelib.task_encoder import find_tasks, task_predictions
+from humelib.task_encoder import task_predictions
 
 
 def build_parser():

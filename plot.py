@@ -22,7 +22,6 @@ data without images, --texts FILE (a line per row) prints the members' texts ins
 on stderr and exit code 2.
 """
 import os
-import re
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -35,10 +34,10 @@ from humelib.fileio import atomic_write, check_output_file, ensure_dir, load_res
 from humelib.flags import int_in, make_parser
 from humelib.metrics import align_to, all_metrics, cluster_acc, contingency
 from humelib.metrics import ensemble as vote_ensemble
+from humelib.run_folder import find_logs, find_tasks
 from humelib.runtime import HumeError, log, run_cli
-from humelib.task_encoder import find_tasks, task_predictions
+from humelib.task_encoder import task_predictions
 
-METRICS_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 DPI = 100
 FIGSIZE = {"curves": (11, 7), "confusion": (7.5, 6.5), "cv_vs_acc": (7, 5), "cluster_sizes": (8, 4.5)}  # inches
 MAX_ANNOTATED = 20  # write counts into the confusion matrix cells up to this many classes
@@ -68,13 +67,12 @@ def build_parser():
 
 def read_metrics(folder):
     """{seed: [record, ...]} from every metrics_{seed}.jsonl (a run still going may end in a partial line)."""
-    files = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := METRICS_FILE.fullmatch(f)))
-    if not files:
+    logs = find_logs(folder)
+    if not logs:
         raise HumeError(f"--tasks_path {folder}: no metrics_{{seed}}.jsonl files (our hume.py writes them; the "
                         "paper's does not)")
     runs = {}
-    for seed, name in files:
-        path = os.path.join(folder, name)
+    for seed, path in logs.items():
         records = []
         for line, rec in read_jsonl(path, required=("iteration", "loss")):  # a partial last line is dropped
             scores = rec.get("metrics", {})

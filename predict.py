@@ -36,8 +36,9 @@ from humelib.arrays import check_rows, check_source_files, find_sources, load_ar
 from humelib.fileio import OutputGroup, check_output_file
 from humelib.flags import make_parser
 from humelib.metrics import align_tasks, align_to, all_metrics, majority_vote
+from humelib.run_folder import find_tasks
 from humelib.runtime import HumeError, log, run_cli
-from humelib.task_encoder import find_tasks, task_predictions
+from humelib.task_encoder import task_predictions
 
 
 def build_parser():

@@ -33,6 +33,7 @@ from humelib import hume_args
 from humelib.embeddings import load_data
 from humelib.fileio import check_output_file, ensure_dir, json_save, load_results
 from humelib.flags import make_parser, seed_int
+from humelib.run_folder import Run
 from humelib.runtime import HumeError, log, run_cli
 
 HUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hume.py")
@@ -143,7 +144,7 @@ def run_grid(ks, seeds, extra, out, quiet):
     for k, s in tqdm(grid, desc="select_k (k, seed)", disable=True if quiet else None):
         folder = os.path.join(out, f"k{k}")
         run_hume(extra + ["--k", str(k), "--seed", str(s), "--exp_path", folder, "--quiet"])
-        results[k].append(load_results(os.path.join(folder, f"results_{s}.pickle")))
+        results[k].append(load_results(Run(folder, s, "hume").results))
     return results
 
 

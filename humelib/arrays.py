@@ -20,37 +20,48 @@ DEMO = {  # the bundled digits demo (data/README.md), laid out like the paper's 
 }
 
 
-def load_array(path, flag, mmap=False):
+def load_array(path: str, flag: str, mmap: bool = False) -> np.ndarray:
     """Load a 2-D float array of representations from a .npy file, checked: exists, numeric, 2-D, finite."""
-    arr = _load_npy(path, flag, mmap)
+    return check_array(_load_npy(path, flag, mmap), f"{flag} {path}", mmap)
+
+
+def check_array(arr, name: str, mmap: bool = False) -> np.ndarray:
+    """arr (a numpy array, memory-mapped or not) checked as representations: numeric, 2-D, non-empty, finite;
+    float32 and contiguous unless memory-mapped. name: how errors name it ("--flag path", or the argument)."""
+    arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
     if arr.ndim != 2:
-        raise HumeError(f"{flag} {path}: expected a 2-D array (n_points x dim), got shape {arr.shape}; "
+        raise HumeError(f"{name}: expected a 2-D array (n_points x dim), got shape {arr.shape}; "
                         "reshape it to one row per point")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise HumeError(f"{flag} {path}: expected float features, got dtype {arr.dtype}; "
+        raise HumeError(f"{name}: expected float features, got dtype {arr.dtype}; "
                         "is this a labels file passed as representations?")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise HumeError(f"{flag} {path}: the array is empty (shape {arr.shape})")
-    _check_finite(arr, path, flag)
+        raise HumeError(f"{name}: the array is empty (shape {arr.shape})")
+    _check_finite(arr, name)
     return arr if mmap else np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def load_labels(path, flag, n=None):
+def load_labels(path: str, flag: str, n: int | None = None) -> np.ndarray:
     """Load a 1-D integer label vector (any integer values) and check its length against n points."""
-    y = _load_npy(path, flag, mmap=False)
+    return check_labels(_load_npy(path, flag, mmap=False), f"{flag} {path}", n)
+
+
+def check_labels(y, name: str, n: int | None = None) -> np.ndarray:
+    """y checked as labels: 1-D (or one column), integers (integer-valued floats taken), n of them; int64."""
+    y = np.asarray(y)
     if y.ndim == 2 and 1 in y.shape:
         y = y.reshape(-1)
     if y.ndim != 1:
-        raise HumeError(f"{flag} {path}: expected a 1-D label vector, got shape {y.shape}")
+        raise HumeError(f"{name}: expected a 1-D label vector, got shape {y.shape}")
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise HumeError(f"{flag} {path}: labels must be integers, got non-integer floats; "
+            raise HumeError(f"{name}: labels must be integers, got non-integer floats; "
                             "is this a representations file passed as labels?")
         y = y.astype(np.int64)
     elif not np.issubdtype(y.dtype, np.integer):
-        raise HumeError(f"{flag} {path}: labels must be integers, got dtype {y.dtype}")
+        raise HumeError(f"{name}: labels must be integers, got dtype {y.dtype}")
     if n is not None and len(y) != n:
-        raise HumeError(f"{flag} {path}: {len(y)} labels for {n} points; the labels must match the "
+        raise HumeError(f"{name}: {len(y)} labels for {n} points; the labels must match the "
                         "evaluation arrays row for row")
     return y.astype(np.int64)
 
@@ -81,13 +92,13 @@ def _load_npy(path, flag, mmap):
         raise HumeError(f"{flag} {path}: damaged .npy file ({type(e).__name__}: {first_line(e)})") from None
 
 
-def _check_finite(arr, path, flag, chunk=1 << 16):
+def _check_finite(arr, name, chunk=1 << 16):
     for start in range(0, arr.shape[0], chunk):  # chunked so memory-mapped arrays are never loaded whole
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf where HUME computes
             block = np.asarray(arr[start:start + chunk], dtype=np.float32)
         if not np.all(np.isfinite(block)):
             row = start + int(np.nonzero(~np.all(np.isfinite(block), axis=1))[0][0])
-            raise HumeError(f"{flag} {path}: contains NaN or inf, or values beyond float32's range (first at row "
+            raise HumeError(f"{name}: contains NaN or inf, or values beyond float32's range (first at row "
                             f"{row}); clean the array")
 
 

@@ -70,23 +70,39 @@ class Data(NamedTuple):
     y_val: object
 
 
-def load_data(cfg):
+def load_data(cfg) -> Data:
     """The arrays named by the Settings cfg, checked against each other and against k and the subset size."""
     load = lambda path, flag: load_array(path, flag, mmap=cfg.mmap)
     phi1, phi2 = load(cfg.phi1_path, "--phi1_path"), [load(p, "--phi2_path") for p in cfg.phi2_path]
-    check_rows([("--phi1_path", phi1)] + [(f"--phi2_path {p}", a) for p, a in zip(cfg.phi2_path, phi2)])
     phi1_val, phi2_val = phi1, phi2
     if cfg.inductive:
         phi1_val = load(cfg.phi1_path_val, "--phi1_path_val")
         phi2_val = [load(p, "--phi2_path_val") for p in cfg.phi2_path_val]
-        check_rows([("--phi1_path_val", phi1_val)] +
-                   [(f"--phi2_path_val {p}", a) for p, a in zip(cfg.phi2_path_val, phi2_val)])
-        for train, val, flag in [(phi1, phi1_val, "--phi1_path_val")] + \
-                [(a, b, f"--phi2_path_val {p}") for a, b, p in zip(phi2, phi2_val, cfg.phi2_path_val)]:
-            if train.shape[1] != val.shape[1]:
-                raise HumeError(f"{flag} has dimension {val.shape[1]} but its training array has {train.shape[1]}; "
-                                "both must come from the same representation")
     y_val = load_labels(cfg.gt_labels_path, "--gt_labels_path", len(phi1_val)) if cfg.gt_labels_path else None
+    names = {"phi1": ("--phi1_path", cfg.phi1_path), "phi2": [("--phi2_path", p) for p in cfg.phi2_path],
+             "phi1_val": ("--phi1_path_val", cfg.phi1_path_val),
+             "phi2_val": [("--phi2_path_val", p) for p in cfg.phi2_path_val or cfg.phi2_path]}
+    return check_data(cfg, Data(phi1, phi2, phi1_val, phi2_val, y_val), names)
+
+
+def check_data(cfg, data: Data, names: dict | None = None) -> Data:
+    """The arrays of a run checked against each other, against k and the subset size, and for the variance and row
+    norms HUME needs. names: (flag, path) of each array, as the errors name them (None: arrays given in memory)."""
+    phi1, phi2, phi1_val, phi2_val = data.phi1, data.phi2, data.phi1_val, data.phi2_val
+    names = names or {"phi1": ("phi1", "array"), "phi2": [(f"phi2[{i}]", "array") for i in range(len(phi2))],
+                      "phi1_val": ("phi1_val", "array"), "phi2_val": [(f"phi2_val[{i}]", "array")
+                                                                      for i in range(len(phi2_val))]}
+    label = lambda flag, path: f"{flag} {path}" if flag.startswith("--phi2") else flag
+    check_rows([(label(*names["phi1"]), phi1)] + [(label(*f), a) for f, a in zip(names["phi2"], phi2)])
+    if phi1_val is not phi1:
+        check_rows([(label(*names["phi1_val"]), phi1_val)] +
+                   [(label(*f), a) for f, a in zip(names["phi2_val"], phi2_val)])
+        for train, val, name in [(phi1, phi1_val, names["phi1_val"])] + list(zip(phi2, phi2_val, names["phi2_val"])):
+            if train.shape[1] != val.shape[1]:
+                raise HumeError(f"{label(*name)} has dimension {val.shape[1]} but its training array has "
+                                f"{train.shape[1]}; both must come from the same representation")
+    if data.y_val is not None and len(data.y_val) != len(phi1_val):
+        raise HumeError(f"{len(data.y_val)} labels for {len(phi1_val)} evaluation points; give one label a point")
     n, d1 = phi1.shape
     if cfg.k > n:
         raise HumeError(f"--k {cfg.k} is larger than the number of training points ({n})")
@@ -97,19 +113,19 @@ def load_data(cfg):
     if not 1 <= int(cfg.train_fraction * m) < m:
         raise HumeError(f"--train_fraction {cfg.train_fraction} of a subset of {m} points leaves an empty "
                         "train or test part; use a larger --subset_size or a fraction nearer 0.5")
-    check_variance(phi1, "--phi1_path", cfg.phi1_path)
-    for p, a in zip(cfg.phi2_path, phi2):
-        check_variance(a, "--phi2_path", p)
+    check_variance(phi1, *names["phi1"])
+    for (flag, path), a in zip(names["phi2"], phi2):
+        check_variance(a, flag, path)
     lo, hi = row_norm_range(phi1)
     if cfg.normalize and lo == 0:
         zero = int(sum(np.count_nonzero(np.linalg.norm(np.asarray(phi1[i:i + (1 << 16)]), axis=1) == 0)
                        for i in range(0, phi1.shape[0], 1 << 16)))
-        raise HumeError(f"--phi1_path {cfg.phi1_path}: {zero} row(s) are all zeros and cannot be normalised "
+        raise HumeError(f"{' '.join(names['phi1'])}: {zero} row(s) are all zeros and cannot be normalised "
                         "(--normalize); remove those points from every array")
     if not cfg.normalize and max(abs(lo - 1), abs(hi - 1)) > 1e-3:
-        warn(f"--phi1_path rows are not unit norm (norms {lo:.3g} to {hi:.3g}); HUME's phi1 is L2-normalised: "
+        warn(f"{names['phi1'][0]} rows are not unit norm (norms {lo:.3g} to {hi:.3g}); HUME's phi1 is L2-normalised: "
              "pass --normalize to do it here")
-    return Data(phi1, phi2, phi1_val, phi2_val, y_val)
+    return data
 
 
 def check_variance(x, flag, path, chunk=1 << 16):

@@ -8,21 +8,27 @@ import sys
 
 import torch
 
+from humelib.runtime import HumeError
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too).
-    A flag's bad value reads "--flag must be ..., got ..." (the flag types below phrase their messages so)."""
+    """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too);
+    with exit_on_error=False (humelib.api) a HumeError instead. A flag's bad value reads "--flag must be ..., got
+    ..." (the flag types below phrase their messages so)."""
 
     def error(self, message):
         message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", " ".join(message.split()))
+        if not self.exit_on_error:
+            raise HumeError(message)
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def make_parser(doc):
+def make_parser(doc, exit_on_error=True):
     """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
+    # allow_abbrev=False: a typo such as --num_iter must not silently become --num_iters
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                  allow_abbrev=False)  # a typo such as --num_iter must not silently become --num_iters
+                  allow_abbrev=False, exit_on_error=exit_on_error)
 
 
 # ---------------------------------------------------------------- flag types

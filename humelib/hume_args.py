@@ -12,8 +12,8 @@ from humelib.inner_lr import inner_lr_type
 from humelib.runtime import HumeError
 
 
-def build_parser(doc):
-    p = make_parser(doc)
+def build_parser(doc, exit_on_error=True):
+    p = make_parser(doc, exit_on_error)
     p.add_argument("--phi1_path", help="phi1 .npy (n x d1, rows L2-normalised); default: the bundled digits demo")
     p.add_argument("--phi2_path", nargs="+", help="phi2 .npy (n x d2), same rows as phi1; several files = several "
                    "spaces, the outer loss averaged over them; default: the bundled digits demo")

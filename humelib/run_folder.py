@@ -1,5 +1,8 @@
-r"""The run folder of hume.py and run_turtle.py (--exp_path): which method owns each seed, every file a seed's run
-writes checked before any work, the per-seed lock, and the metrics log kept in step with the checkpoint.
+r"""The run folder (--exp_path, --tasks_path): the one place that knows its file names. A `Run` is one seed's run
+of one method there: the paths of its task, results, checkpoint and metrics log, which method owns the seed, every
+file checked before any work, the per-seed lock, the log kept in step with the checkpoint, and the end of the run
+committed as one unit. Readers (evaluate.py, predict.py, plot.py, annotate.py, select_k.py) find the runs of a folder
+with `find_tasks` and `find_logs`.
 
 Both methods write results_{seed}.pickle and metrics_{seed}.jsonl, so a seed belongs to one of them: a run records
 its method in owner_{seed}.txt ("hume" or "turtle") before it trains, and a run of the other method on that seed is
@@ -10,24 +13,117 @@ import contextlib
 import json
 import os
 import pickle
+import re
 
-from humelib.fileio import OutputGroup, check_output_file, json_ready, read_jsonl, write_bytes, write_error
+from humelib.fileio import (OutputGroup, append_jsonl, check_output_file, json_ready, read_jsonl, write_bytes,
+                            write_error)
 from humelib.runtime import HumeError
 
 OWN = {"hume": ("linear_task_{}.pt", "checkpoint_{}.pt"),  # the files only that method writes
        "turtle": ("turtle_task_{}.pt", "turtle_checkpoint_{}.pt")}
 SHARED = ("results_{}.pickle", "metrics_{}.jsonl")
 SCRIPT = {"hume": "hume.py", "turtle": "run_turtle.py"}
+TASK_FILE = re.compile(r"(?:linear|turtle)_task_(-?\d+)\.pt")  # not linear_task_{it}_{seed}.pt (--save_all)
+LOG_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 
 
-def owner_path(folder, seed):
-    return os.path.join(folder, f"owner_{seed}.txt")
+class Run:
+    """One seed's run of method ("hume" or "turtle") in folder: its files' paths and what may be done with them."""
+
+    def __init__(self, folder: str, seed: int, method: str, flag: str = "--exp_path"):
+        self.folder, self.seed, self.method, self.flag = folder, seed, method, flag
+        task, ckpt = OWN[method]
+        self.task = self.path(task.format(seed))
+        self.checkpoint = self.path(ckpt.format(seed))
+        self.results = self.path(f"results_{seed}.pickle")
+        self.log = self.path(f"metrics_{seed}.jsonl")
+        self.owner_file = self.path(f"owner_{seed}.txt")
+        self.lock_file = self.path(f"hume_{seed}.lock")  # one name for both methods: one run of a seed at a time
+        self._fresh_log = False
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def snapshot(self, iteration: int) -> str:
+        """--save_all's task file of an iteration (the paper's name)."""
+        return self.path(f"linear_task_{iteration}_{self.seed}.pt")
+
+    def outputs(self) -> list:
+        """Every file the run writes (besides --save_all's)."""
+        return [self.task, self.checkpoint, self.results, self.log, self.owner_file]
+
+    def check(self) -> None:
+        """Before any work: every output writable and not a folder, link or device, and the seed not another
+        method's."""
+        for path in self.outputs():
+            check_output_file(path, self.flag)
+        found = owner(self.folder, self.seed)
+        if found not in (None, self.method):
+            raise HumeError(f"{self.flag} {self.folder}: seed {self.seed} belongs to {SCRIPT[found]}, and "
+                            f"{SCRIPT[self.method]} would overwrite its results; use another --seed or --exp_path")
+
+    def claim(self) -> None:
+        """check() again under the lock (a run may have started since), then owner_{seed}.txt records the method."""
+        self.check()
+        if not os.path.isfile(self.owner_file):
+            write_bytes(self.owner_file, f"{self.method}\n".encode())
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold an exclusive lock on hume_{seed}.lock for the block: a second run of the same seed into the same
+        folder (either method) is refused with one line instead of interleaving its files. The lock dies with the
+        process."""
+        import fcntl
+        try:  # O_NOFOLLOW: a planted symlink of that name is not followed
+            f = os.fdopen(os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        except OSError as e:
+            raise write_error(self.lock_file, e) from None
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HumeError(f"{self.flag} {self.folder}: seed {self.seed} is already running there (another "
+                                f"process holds {self.lock_file}); wait for it to end, or use another --seed or "
+                                "--exp_path") from None
+            yield self.lock_file
+        finally:
+            f.close()
+
+    # ------------------------------------------------------------ the metrics log, in step with the checkpoint
+
+    def begin_log(self, resumed_at: int | None) -> None:
+        """A resumed run drops the log's records after its checkpoint; a fresh run empties the log at its first
+        write, not before (a finished seed's log survives a rerun that fails before that)."""
+        if resumed_at is None:
+            self._fresh_log = True
+        else:
+            keep_log_until(self.log, resumed_at)
+
+    def start_log(self) -> None:
+        """The log belongs to this run from now on (before a checkpoint is written: they must agree)."""
+        if self._fresh_log:
+            write_bytes(self.log, b"")
+            self._fresh_log = False
+
+    def append_log(self, record: dict) -> None:
+        self.start_log()
+        append_jsonl(self.log, record)
+
+    def commit(self, task_bytes: bytes, results: dict) -> None:
+        """The end of a run as one unit: the task file, results_{seed}.pickle and the metrics log with the CV score
+        and the seconds it took in its last record; all new or all old, whatever fails."""
+        with OutputGroup() as group:
+            group.write_bytes(self.task, task_bytes)
+            group.write_bytes(self.results, pickle.dumps(results))
+            scored = scored_log(self.log, {"cv_score": results["CV_Score"], "cv_seconds": results["cv_seconds"]})
+            if scored is not None:
+                group.write_bytes(self.log, scored)
 
 
-def owner(folder, seed):
+def owner(folder: str, seed: int) -> str | None:
     """The method that owns seed in folder ("hume", "turtle"), or None when no run of it has started there. Files
     of both methods, or results of no known method, are refused."""
-    marker = owner_path(folder, seed)
+    marker = os.path.join(folder, f"owner_{seed}.txt")
     if os.path.lexists(marker):
         try:
             with open(marker, "rb") as f:
@@ -51,33 +147,39 @@ def owner(folder, seed):
     return None
 
 
-def outputs(folder, seed, method):
-    """Every file a run of method writes for seed (besides --save_all's)."""
-    names = [n.format(seed) for n in OWN[method] + SHARED] + [os.path.basename(owner_path(folder, seed))]
-    return [os.path.join(folder, n) for n in names]
+# ---------------------------------------------------------------- reading a folder
+
+def find_tasks(folder: str) -> dict:
+    """{seed: (task path, results path)} for every HUME or TURTLE task in folder (--tasks_path); every task needs
+    its results pickle."""
+    if not os.path.isdir(folder):
+        raise HumeError(f"--tasks_path {folder}: no such folder")
+    names = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
+    if not names:
+        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt or turtle_task_{{seed}}.pt files; run "
+                        f"hume.py or run_turtle.py with --exp_path {folder} first")
+    tasks = {}
+    for s, name in names:
+        res = os.path.join(folder, f"results_{s}.pickle")
+        if s in tasks:
+            raise HumeError(f"--tasks_path {folder}: seed {s} has both a HUME and a TURTLE task, which would share "
+                            f"results_{s}.pickle; keep each method in its own folder")
+        if not os.path.isfile(res):
+            raise HumeError(f"--tasks_path {folder}: {name} has no results_{s}.pickle (its CV score); "
+                            "rerun that seed or remove the task")
+        tasks[s] = (os.path.join(folder, name), res)
+    return tasks
 
 
-def check(folder, seed, method, flag="--exp_path"):
-    """Before any work: every output of the seed writable and not a folder, link or device, and the seed not
-    another method's."""
-    for path in outputs(folder, seed, method):
-        check_output_file(path, flag)
-    found = owner(folder, seed)
-    if found not in (None, method):
-        raise HumeError(f"{flag} {folder}: seed {seed} belongs to {SCRIPT[found]}, and {SCRIPT[method]} would "
-                        f"overwrite its results; use another --seed or --exp_path")
-
-
-def claim(folder, seed, method, flag="--exp_path"):
-    """check() again under seed_lock (a run may have started since), then owner_{seed}.txt records method."""
-    check(folder, seed, method, flag)
-    if not os.path.isfile(owner_path(folder, seed)):
-        write_bytes(owner_path(folder, seed), f"{method}\n".encode())
+def find_logs(folder: str) -> dict:
+    """{seed: path} of every metrics_{seed}.jsonl in folder."""
+    return {int(m.group(1)): os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if (m := LOG_FILE.fullmatch(f))}
 
 
 # ---------------------------------------------------------------- the metrics log of a run
 
-def keep_log_until(path, iteration):
+def keep_log_until(path: str, iteration: int) -> None:
     """On resume, drop log lines written after the checkpoint's iteration (they will be written again), and a
     last line cut short by a kill or a full disk; a damaged line elsewhere is an error naming path:line."""
     if os.path.islink(path):
@@ -91,19 +193,7 @@ def keep_log_until(path, iteration):
     write_bytes(path, "".join(json.dumps(rec) + "\n" for rec in kept).encode())
 
 
-def commit(folder, seed, task_name, task_bytes, results):
-    """The end of a run as one unit: the task file, results_{seed}.pickle and the metrics log with the CV score and
-    the seconds it took in its last record; all new or all old, whatever fails."""
-    with OutputGroup() as group:
-        group.write_bytes(os.path.join(folder, task_name), task_bytes)
-        group.write_bytes(os.path.join(folder, f"results_{seed}.pickle"), pickle.dumps(results))
-        log = os.path.join(folder, f"metrics_{seed}.jsonl")
-        scored = scored_log(log, {"cv_score": results["CV_Score"], "cv_seconds": results["cv_seconds"]})
-        if scored is not None:
-            group.write_bytes(log, scored)
-
-
-def scored_log(path, fields):
+def scored_log(path: str, fields: dict) -> bytes | None:
     """The metrics log's bytes with the end-of-run fields (the CV score, the seconds it took) added to its last
     record, for the run's files committed as one unit; the log keeps one record per evaluation. None when the run
     logged nothing."""
@@ -112,33 +202,3 @@ def scored_log(path, fields):
         return None
     records[-1].update(fields)
     return "".join(json.dumps(json_ready(rec), allow_nan=False) + "\n" for rec in records).encode()
-
-
-def start_log(path, fresh):
-    """A fresh run empties the metrics log once, at its first write (a finished seed's log survives a rerun
-    that fails before that). fresh: a one-element list, cleared here."""
-    if fresh[0]:
-        write_bytes(path, b"")
-        fresh[0] = False
-
-
-@contextlib.contextmanager
-def seed_lock(folder, seed, flag="--exp_path"):
-    """Hold an exclusive lock on {folder}/hume_{seed}.lock for the block: a second run of the same seed into the
-    same folder (either method) is refused with one line instead of interleaving its files. The lock dies with the
-    process."""
-    import fcntl
-    path = os.path.join(folder, f"hume_{seed}.lock")
-    try:  # O_NOFOLLOW: a planted symlink of that name is not followed
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-    except OSError as e:
-        raise write_error(path, e) from None
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HumeError(f"{flag} {folder}: seed {seed} is already running there (another process holds {path}); "
-                            "wait for it to end, or use another --seed or --exp_path") from None
-        yield path
-    finally:
-        f.close()

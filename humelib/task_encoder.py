@@ -8,7 +8,6 @@ TURTLE's task encoder (run_turtle.py) is one weight-normalised linear head per s
 saved as turtle_task_{seed}.pt in TURTLE's own layout, {"phi1": state_dict, ...} of plain nn.Linear heads.
 """
 import os
-import re
 
 import numpy as np
 import torch
@@ -19,7 +18,6 @@ from humelib.fileio import load_results
 from humelib.runtime import HumeError
 from humelib.sparsemax import sparsemax
 
-TASK_FILE = re.compile(r"(?:linear|turtle)_task_(-?\d+)\.pt")  # not linear_task_{iter}_{seed}.pt (--save_all)
 
 
 def make_task_encoder(d1, k):
@@ -66,29 +64,7 @@ def init_inner(gen, S, k, d2, dtype):
     return (torch.rand(S, k, d2 + 1, generator=gen, dtype=dtype) * 2 - 1) * bound
 
 
-# ---------------------------------------------------------------- task folders
-
-def find_tasks(folder):
-    """{seed: (task path, results path)} for every HUME or TURTLE task in folder; every task needs its results
-    pickle."""
-    if not os.path.isdir(folder):
-        raise HumeError(f"--tasks_path {folder}: no such folder")
-    names = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := TASK_FILE.fullmatch(f)))
-    if not names:
-        raise HumeError(f"--tasks_path {folder}: no linear_task_{{seed}}.pt or turtle_task_{{seed}}.pt files; run "
-                        f"hume.py or run_turtle.py with --exp_path {folder} first")
-    tasks = {}
-    for s, name in names:
-        res = os.path.join(folder, f"results_{s}.pickle")
-        if s in tasks:
-            raise HumeError(f"--tasks_path {folder}: seed {s} has both a HUME and a TURTLE task, which would share "
-                            f"results_{s}.pickle; keep each method in its own folder")
-        if not os.path.isfile(res):
-            raise HumeError(f"--tasks_path {folder}: {name} has no results_{s}.pickle (its CV score); "
-                            "rerun that seed or remove the task")
-        tasks[s] = (os.path.join(folder, name), res)
-    return tasks
-
+# ---------------------------------------------------------------- task files
 
 def is_turtle(task_path):
     return os.path.basename(task_path).startswith("turtle_task_")

@@ -13,7 +13,7 @@ import baselines
 import evaluate
 import hume
 import plot
-from humelib import fileio, runtime
+from humelib import fileio, outer, runtime
 from helpers import FAST, cli, refused, temp_files, write_problem
 
 
@@ -144,7 +144,7 @@ def test_a_fresh_run_that_fails_early_keeps_the_finished_log(P, tmp_path, monkey
 
     def fail(*a, **k):
         raise runtime.HumeError("simulated failure in the first iteration")
-    monkeypatch.setattr(hume.outer, "outer_step", fail)
+    monkeypatch.setattr(outer, "outer_step", fail)
     refused(cli(hume.main, argv), "simulated failure")
     assert open(log).read() == before
 

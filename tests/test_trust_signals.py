@@ -10,13 +10,14 @@ import time
 import torch
 
 import hume
-from humelib import run_folder
+from humelib import outer, run_folder
 from helpers import FAST, REPO, child_env, cli, refused, temp_files, write_problem
 from test_sweep import SWEEP, bash, stand_ins
 
+# --kernel pinned: bit-identical reruns need one kernel (the planner times the candidates afresh in each run)
 BUDGET = ["--k", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "100", "--outer_lr", "0.01",
           "--inner_lr", "auto", "--device", "cpu", "--quiet", "--seed", "0", "--num_iters", "150",
-          "--ckpt_every", "25", "--eval_every", "5"]
+          "--ckpt_every", "25", "--eval_every", "5", "--kernel", "blas"]
 
 
 def flags(P, folder):
@@ -58,7 +59,7 @@ def test_second_run_of_the_same_seed_into_the_same_folder_is_refused(tmp_path):
     folder = str(tmp_path / "run")
     os.makedirs(folder)
     small = ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--exp_path", folder, "--k", "4", "--seed", "0"] + FAST
-    with run_folder.seed_lock(folder, 0):  # the first run, still going
+    with run_folder.Run(folder, 0, "hume").lock():  # the first run, still going
         refused(cli(hume.main, small), "seed 0 is already running", "--exp_path")
         assert sorted(os.listdir(folder)) == ["hume_0.lock"]
     assert cli(hume.main, small)[0] == 0  # the lock went with the first run
@@ -66,7 +67,7 @@ def test_second_run_of_the_same_seed_into_the_same_folder_is_refused(tmp_path):
 
 def test_lock_name_never_matches_the_papers_file_names(tmp_path):
     import re
-    with run_folder.seed_lock(str(tmp_path), 7) as path:
+    with run_folder.Run(str(tmp_path), 7, "hume").lock() as path:
         name = os.path.basename(path)
     assert not re.fullmatch(r"linear_task_(\d+)\.pt", name) and not re.fullmatch(r"results_(\d+)\.pickle", name)
 
@@ -85,7 +86,7 @@ def test_a_signal_in_the_last_iteration_checkpoints_it_and_resume_only_finishes(
     folder = str(tmp_path / "run")
     argv = ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--exp_path", folder, "--k", "4", "--seed", "0",
             "--ckpt_every", "50"] + FAST  # 3 iterations
-    calls, outer_step = [], hume.outer.outer_step
+    calls, outer_step = [], outer.outer_step
 
     def step_then_signal(*a, **k):  # SIGTERM arrives while the last iteration runs
         calls.append(1)
@@ -93,7 +94,7 @@ def test_a_signal_in_the_last_iteration_checkpoints_it_and_resume_only_finishes(
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
-    monkeypatch.setattr(hume.outer, "outer_step", step_then_signal)
+    monkeypatch.setattr(outer, "outer_step", step_then_signal)
     code, _, err = cli(hume.main, argv)
     assert code == 143 and "--resume" in err.strip().splitlines()[-1]
     assert torch.load(os.path.join(folder, "checkpoint_0.pt"), weights_only=True)["iteration"] == 3
