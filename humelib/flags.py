@@ -1,10 +1,14 @@
 """The command line every script shares: a parser whose errors are one line and exit code 2, and the flag types
 (argparse type=) that read numbers, seeds and devices the same way in every script, each message naming the flag.
 """
+from __future__ import annotations
+
 import argparse
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -13,13 +17,13 @@ class Parser(argparse.ArgumentParser):
     """argparse with the project's error convention: one line on stderr, exit code 2 (argparse prints usage too).
     A flag's bad value reads "--flag must be ..., got ..." (the flag types below phrase their messages so)."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", " ".join(message.split()))
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def make_parser(doc):
+def make_parser(doc: str) -> Parser:
     """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                   allow_abbrev=False)  # a typo such as --num_iter must not silently become --num_iters
@@ -30,7 +34,7 @@ def make_parser(doc):
 NUMBER = re.compile(r"[+-]?(?:inf|infinity|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)", re.IGNORECASE)
 
 
-def _float(text):
+def _float(text: str) -> float:
     """An ASCII decimal number (float() also takes '١٢', '1_0' and spaces: a flag value must read the same
     everywhere), finite."""
     if not NUMBER.fullmatch(text):
@@ -41,30 +45,30 @@ def _float(text):
     return value
 
 
-def finite_float(text):
+def finite_float(text: str) -> float:
     return _float(text)
 
 
-def positive_float(text):
+def positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
-def nonnegative_float(text):
+def nonnegative_float(text: str) -> float:
     value = _float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
-def int_in(lo, hi=None, what=None):
+def int_in(lo: int, hi: int | None = None, what: str | None = None) -> Callable[[str], int]:
     """The argparse type of an integer flag in [lo, hi]: ASCII digits with an optional sign only (int() also
     takes '١٢', '1_000' and spaces; '²'.isdigit() is true but int('²') fails)."""
     bounds = what or (f">= {lo}" if hi is None else f"between {lo} and {hi}")
 
-    def parse(text):
+    def parse(text: str) -> int:
         if not re.fullmatch(r"[+-]?[0-9]+", text):
             raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
         value = int(text)
@@ -78,19 +82,19 @@ def int_in(lo, hi=None, what=None):
 seed_int = int_in(0, 2 ** 32 - 1, "between 0 and 2**32 - 1 (numpy's range)")  # every --seed
 
 
-def int_list(lo):
+def int_list(lo: int) -> Callable[[str], list[int]]:
     """The argparse type of a comma list of integers >= lo ("100,300")."""
     one = int_in(lo)
 
-    def parse(text):
+    def parse(text: str) -> list[int]:
         return [one(t) for t in text.split(",")]
     parse.__name__ = f"comma list of integers >= {lo}"
     return parse
 
 
-def choice_list(choices):
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     """The argparse type of a comma list of names from choices ("adjoint,bf16")."""
-    def parse(text):
+    def parse(text: str) -> list[str]:
         names = text.split(",")
         bad = [n for n in names if n not in choices]
         if bad:
@@ -99,7 +103,7 @@ def choice_list(choices):
     return parse
 
 
-def device_problem(name):
+def device_problem(name: str) -> str | None:
     """What is wrong with torch device name here ("NAME: reason; fix"), or None: cpu, cuda[:i] when CUDA and that
     device are there, mps when available."""
     try:
@@ -119,7 +123,7 @@ def device_problem(name):
     return None
 
 
-def device(text):
+def device(text: str) -> str:
     """The argparse type of --device: a device that exists here."""
     problem = device_problem(text)
     if problem:
@@ -127,5 +131,5 @@ def device(text):
     return text
 
 
-def default_device():
+def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
