@@ -12,15 +12,19 @@ script gives.
 Settings are the scripts' flags by name (hume.py --help, run_turtle.py --help), checked as the flags are; a bad one
 raises HumeError. Like the scripts, a fit seeds Python's, numpy's and torch's global generators.
 """
+from __future__ import annotations
+
 import argparse
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 
 from humelib import hume_args, hume_loop, inner_lr, turtle_args, turtle_loop
 from humelib.arrays import DEMO, check_array, check_labels
 from humelib.cvscore import cv_score
 from humelib.embeddings import Data, Rows, check_data
+from humelib.hume_args import Settings
 from humelib.runtime import HumeError
 from humelib.task_encoder import predict, turtle_predict
 
@@ -33,10 +37,11 @@ class Fit:
     `labels(...)` of any points, and `results` (what the scripts save in results_{seed}.pickle: the labeling of the
     evaluation points, its CV score, ACC/ARI/NMI with labels, the settings)."""
 
-    def __init__(self, method: str, encoder: torch.nn.Module, settings, results: dict):
+    def __init__(self, method: str, encoder: torch.nn.Module, settings: Settings | argparse.Namespace,
+                 results: dict) -> None:
         self.method, self.encoder, self.settings, self.results = method, encoder, settings, results
 
-    def labels(self, *phis) -> np.ndarray:
+    def labels(self, *phis: ArrayLike) -> np.ndarray:
         """HUME: labels(phi1) of points in phi1's space; TURTLE: labels(phi_1, ..., phi_K), one array per space."""
         arrays = [check_array(p, f"points in space {i}") for i, p in enumerate(phis)]
         with torch.no_grad():
@@ -45,16 +50,16 @@ class Fit:
                 return predict(self.encoder.weight, Rows(phi1, self.settings.device, self.settings.normalize))
             return turtle_predict(self.encoder, [torch.from_numpy(a).to(self.settings.device) for a in arrays])
 
-    def cv_score(self, phi2: np.ndarray, labels: np.ndarray) -> float:
+    def cv_score(self, phi2: ArrayLike, labels: ArrayLike) -> float:
         """The label-free score of labels in the space phi2 (10-fold cross-validated accuracy of a linear
         classifier): higher is more separable."""
         return cv_score(check_array(phi2, "phi2"), check_labels(labels, "labels", len(phi2)))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Fit({self.method}, CV score {self.results['CV_Score']:.4f})"
 
 
-def settings_from(parser, flags: dict):
+def settings_from(parser: argparse.ArgumentParser, flags: dict) -> argparse.Namespace:
     """The flags checked by the script's own parser (types, ranges, choices); argparse's namespace."""
     unknown = sorted(set(flags) - set(vars(parser.parse_args([]))) | (set(flags) & FILE_FLAGS))
     if unknown:
@@ -72,7 +77,9 @@ def settings_from(parser, flags: dict):
         parser.error(str(e))
 
 
-def fit_hume(phi1, phi2, *, phi1_val=None, phi2_val=None, y_val=None, quiet: bool = True, **flags) -> Fit:
+def fit_hume(phi1: ArrayLike, phi2: ArrayLike | list, *, phi1_val: ArrayLike | None = None,
+             phi2_val: ArrayLike | list | None = None, y_val: ArrayLike | None = None, quiet: bool = True,
+             **flags: object) -> Fit:
     """HUME on arrays: phi1 (n, d1), phi2 (n, d2) or a list of such arrays (several spaces); the evaluation points
     phi1_val/phi2_val (default: the training points) are labeled and scored, y_val only reports ACC/ARI/NMI.
     flags: hume.py's settings by name (k=10, seed=42, num_iters=1000, ...)."""
@@ -100,7 +107,8 @@ def fit_hume(phi1, phi2, *, phi1_val=None, phi2_val=None, y_val=None, quiet: boo
     return Fit("hume", encoder, cfg, hume_loop.score(cfg, data, steps, encoder, state))
 
 
-def fit_turtle(phis, *, phis_val=None, y_val=None, quiet: bool = True, **flags) -> Fit:
+def fit_turtle(phis: ArrayLike | list, *, phis_val: ArrayLike | list | None = None, y_val: ArrayLike | None = None,
+               quiet: bool = True, **flags: object) -> Fit:
     """TURTLE on arrays: phis, one (n, d_i) array per space (or one array); phis_val the evaluation points in the
     same spaces (default: the training points); y_val only reports ACC/ARI/NMI. flags: run_turtle.py's settings by
     name (k=10, T=6000, gamma=10.0, seed=42, ...)."""

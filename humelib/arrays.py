@@ -1,11 +1,15 @@
 """Arrays a run reads: the bundled demo's paths, .npy loading checked (2-D, numeric, finite, never a pickle),
 labels, row counts, the image-source lists that go with extracted features, and L2 normalisation.
 """
+from __future__ import annotations
+
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from humelib.runtime import HumeError, first_line
 
@@ -25,7 +29,7 @@ def load_array(path: str, flag: str, mmap: bool = False) -> np.ndarray:
     return check_array(_load_npy(path, flag, mmap), f"{flag} {path}", mmap)
 
 
-def check_array(arr, name: str, mmap: bool = False) -> np.ndarray:
+def check_array(arr: ArrayLike, name: str, mmap: bool = False) -> np.ndarray:
     """arr (a numpy array, memory-mapped or not) checked as representations: numeric, 2-D, non-empty, finite;
     float32 and contiguous unless memory-mapped. name: how errors name it ("--flag path", or the argument)."""
     arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
@@ -46,7 +50,7 @@ def load_labels(path: str, flag: str, n: int | None = None) -> np.ndarray:
     return check_labels(_load_npy(path, flag, mmap=False), f"{flag} {path}", n)
 
 
-def check_labels(y, name: str, n: int | None = None) -> np.ndarray:
+def check_labels(y: ArrayLike, name: str, n: int | None = None) -> np.ndarray:
     """y checked as labels: 1-D (or one column), integers (integer-valued floats taken), n of them; int64."""
     y = np.asarray(y)
     if y.ndim == 2 and 1 in y.shape:
@@ -102,7 +106,7 @@ def _check_finite(arr, name, chunk=1 << 16):
                             f"{row}); clean the array")
 
 
-def check_rows(arrays):
+def check_rows(arrays: Sequence[tuple[str, np.ndarray]]) -> None:
     """arrays: list of (flag, array). All must have the same number of rows."""
     rows = {flag: a.shape[0] for flag, a in arrays}
     if len(set(rows.values())) > 1:
@@ -110,12 +114,12 @@ def check_rows(arrays):
         raise HumeError(f"row counts differ ({detail}); every array must hold the same points in the same order")
 
 
-def sources_path(npy_path):
+def sources_path(npy_path: str) -> str:
     """Where extract.py writes the provenance of NAME.npy's rows: NAME.sources.txt beside it."""
     return npy_path[:-len(".npy")] + ".sources.txt" if npy_path.endswith(".npy") else npy_path + ".sources.txt"
 
 
-def load_sources(path, n, flag="--sources"):
+def load_sources(path: str, n: int, flag: str = "--sources") -> list[str]:
     """The source of each of n rows (one line a row: an image file's path, or DATASET:SPLIT:INDEX)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -128,7 +132,7 @@ def load_sources(path, n, flag="--sources"):
     return lines
 
 
-def source_problem(name):
+def source_problem(name: str) -> str | None:
     """Why name cannot round-trip through a sources file (UTF-8, one name a line, read back with splitlines), or
     None: bytes that are not UTF-8, line breaks (also U+2028, U+0085 and the others splitlines splits on),
     control characters."""
@@ -145,7 +149,7 @@ def source_problem(name):
     return None
 
 
-def check_source_files(sources, flag):
+def check_source_files(sources: Sequence[str], flag: str) -> None:
     """Refuse sources that are not files: data-set rows (extract.py's DATASET:SPLIT:INDEX) or moved files."""
     missing = [s for s in sources if not os.path.isfile(s)]
     if missing and re.fullmatch(r"[\w.-]+:\w+:\d+", missing[0]):
@@ -156,7 +160,7 @@ def check_source_files(sources, flag):
                         "were they moved since the extraction?")
 
 
-def find_sources(explicit, npy_path, n):
+def find_sources(explicit: str | None, npy_path: str, n: int) -> list[str] | None:
     """The rows' sources: from --sources when given, else from NAME.sources.txt beside NAME.npy, else None."""
     if explicit:
         if not os.path.isfile(explicit):
@@ -166,7 +170,7 @@ def find_sources(explicit, npy_path, n):
     return load_sources(beside, n, "sources file") if os.path.isfile(beside) else None
 
 
-def l2_normalize(x):
+def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 

@@ -8,10 +8,13 @@ expects.
   model, or random; preprocessing from the model's own data config.
 A name in both libraries (resnet50) means torchvision's; timm's tagged names (resnet50.a1_in1k) are timm's.
 """
+from __future__ import annotations
+
 import collections
 import difflib
 import os
 import pickle
+from collections.abc import Callable, Mapping, Sequence
 
 import safetensors.torch
 import timm
@@ -20,6 +23,7 @@ import torch
 import torchvision
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import logging as hf_logging
+from PIL.Image import Image
 from torch import nn
 from torchvision import transforms as T
 
@@ -30,9 +34,12 @@ HEADS = ("fc", "classifier", "heads", "head")  # where torchvision models keep t
 # Checkpoints holding two copies of the backbone: keep the one that evaluation code uses.
 PREFER, AVOID = ("encoder_q", "base_encoder", "teacher", "online"), ("encoder_k", "momentum", "target", "student")
 WRAPPERS = ("state_dict", "model", "teacher", "module", "network")  # MoCo, solo-learn, DINO, timm train.py
+Transform = Callable[[Image], torch.Tensor]  # preprocessing: a PIL image -> the tensor the model takes
 
 
-def build_backbone(arch, weights, seed=0, cifar_stem=False, image_size=None, mean=None, std=None):
+def build_backbone(arch: str, weights: str, seed: int = 0, cifar_stem: bool = False, image_size: int | None = None,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+                   ) -> tuple[nn.Module, Transform]:
     """(model, transform): model(images) -> (n, d) features, in eval mode; transform: PIL image -> tensor."""
     torchvision_names = torchvision.models.list_models(module=torchvision.models)
     if arch in torchvision_names:
@@ -51,7 +58,8 @@ def build_backbone(arch, weights, seed=0, cifar_stem=False, image_size=None, mea
 
 # ---------------------------------------------------------------- torchvision
 
-def make_transform(weights, image_size, mean, std):
+def make_transform(weights: torchvision.models.WeightsEnum | None, image_size: int | None,
+                   mean: Sequence[float] | None, std: Sequence[float] | None) -> Transform:
     """The weights' own preprocessing when known and not overridden, else resize + centre crop + normalise."""
     if weights is not None and image_size is None and mean is None and std is None:
         return weights.transforms()
@@ -61,7 +69,8 @@ def make_transform(weights, image_size, mean, std):
                                   std or (preset.std if preset else IMAGENET_STD))])
 
 
-def torchvision_model(arch, weights="none", seed=0, cifar_stem=False):
+def torchvision_model(arch: str, weights: str = "none", seed: int = 0, cifar_stem: bool = False
+                      ) -> tuple[nn.Module, torchvision.models.WeightsEnum | None]:
     """A torchvision model that returns penultimate features; returns (model, torchvision weights or None)."""
     registry = None
     if weights != "none" and not os.path.isfile(weights):
@@ -88,7 +97,7 @@ def torchvision_model(arch, weights="none", seed=0, cifar_stem=False):
     return model.eval(), registry
 
 
-def strip_head(model, arch):
+def strip_head(model: nn.Module, arch: str) -> str:
     """Replace the classifier's last Linear by Identity, so the model outputs the layer before it.
     Returns the removed layer's state_dict prefix (e.g. "fc.", "classifier.6.", "heads.head.")."""
     for name in HEADS:
@@ -104,7 +113,7 @@ def strip_head(model, arch):
     raise HumeError(f"--arch {arch}: no linear classifier head found ({'/'.join(HEADS)}); pick another architecture")
 
 
-def read_tensors(path):
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file or a torch checkpoint, unwrapped from the usual training wrappers."""
     if path.endswith(".safetensors"):
         try:
@@ -124,7 +133,7 @@ def read_tensors(path):
     return {k: v for k, v in ckpt.items() if torch.is_tensor(v)} if isinstance(ckpt, dict) else {}
 
 
-def load_checkpoint(model, path, head, arch):
+def load_checkpoint(model: nn.Module, path: str, head: str, arch: str) -> None:
     """Load a backbone from a checkpoint file whose keys may carry a wrapper prefix; fail on any mismatch."""
     tensors, own = read_tensors(path), model.state_dict()
     prefix = best_prefix(tensors, own)
@@ -151,7 +160,7 @@ def load_checkpoint(model, path, head, arch):
         f"unexpected: {len(unexpected)}{eg(unexpected)}")
 
 
-def best_prefix(tensors, own):
+def best_prefix(tensors: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
     """The key prefix whose removal matches most of the model's keys (ties: PREFER over AVOID, shortest)."""
     hits = collections.Counter(k[:i] for k in tensors for i in [0] + [j + 1 for j, c in enumerate(k) if c == "."]
                                if k[i:] in own)
@@ -160,7 +169,7 @@ def best_prefix(tensors, own):
     return max(hits, key=lambda p: (hits[p], any(w in p for w in PREFER), -any(w in p for w in AVOID), -len(p)))
 
 
-def eg(keys):
+def eg(keys: Sequence[str]) -> str:
     return f" (e.g. {', '.join(keys[:3])})" if keys else ""
 
 
@@ -170,20 +179,20 @@ class PreLogits(nn.Module):
     """A timm model evaluated up to its pooled pre-logits embedding: the input of its classifier (or, for CLIP
     towers, of the projection timm keeps as `head`). The whole model is kept, so its state_dict loads strictly."""
 
-    def __init__(self, model):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-def is_timm(arch):
+def is_timm(arch: str) -> bool:
     """A timm architecture, bare (vit_small_patch14_dinov2) or with a pretrained tag (.lvd142m) timm knows."""
     return arch in timm.list_models(pretrained=True) or ("." not in arch and timm.is_model(arch))
 
 
-def timm_model(arch, weights, seed, image_size):
+def timm_model(arch: str, weights: str, seed: int, image_size: int | None) -> PreLogits:
     """PreLogits of a timm model with weights "pretrained" (the HF hub, cached), "none" (random) or a file."""
     if weights not in ("pretrained", "none") and not os.path.isfile(weights):
         raise HumeError(f"--weights {weights}: for timm's {arch} give pretrained, none or a .safetensors/.pth file")
@@ -210,7 +219,7 @@ def timm_model(arch, weights, seed, image_size):
     return PreLogits(model.eval())
 
 
-def create_timm(arch, pretrained, image_size):
+def create_timm(arch: str, pretrained: bool, image_size: int | None) -> nn.Module:
     if image_size:  # ViTs: interpolate the position embeddings to other sizes at run time; weights keep their shape
         try:
             return timm.create_model(arch, pretrained=pretrained, dynamic_img_size=True)
@@ -219,14 +228,14 @@ def create_timm(arch, pretrained, image_size):
     return timm.create_model(arch, pretrained=pretrained)
 
 
-def classifier_keys(model):
+def classifier_keys(model: nn.Module) -> set[str]:
     """The state_dict keys of a timm model's classifier (what a file saved with num_classes=0 lacks)."""
     head = model.get_classifier()
     names = [name for name, module in model.named_modules() if module is head]
     return {f"{names[0]}.{k}" for k in head.state_dict()} if names and names[0] else set()
 
 
-def load_timm_file(model, path, arch):
+def load_timm_file(model: nn.Module, path: str, arch: str) -> None:
     """Load a state_dict of exactly this timm model (as timm saves it, e.g. the hub's model.safetensors), with or
     without its classifier: feature checkpoints are usually saved from num_classes=0 models, and the features
     (pre-logits) never use the classifier."""
@@ -247,7 +256,8 @@ def load_timm_file(model, path, arch):
     log(f"loaded {len(sd)} tensors from {path}")
 
 
-def timm_transform(model, image_size, mean, std):
+def timm_transform(model: nn.Module, image_size: int | None, mean: Sequence[float] | None,
+                   std: Sequence[float] | None) -> Transform:
     """The model's own preprocessing (resolution, interpolation, crop, mean/std), with the flags' overrides."""
     overrides = {"input_size": (3, image_size, image_size) if image_size else None, "mean": mean, "std": std}
     config = timm.data.resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)

@@ -8,17 +8,27 @@ file names (checkpoint_{seed}.pt, turtle_checkpoint_{seed}.pt: run_folder.Run.ch
 results names. Everything in them is a tensor or a plain Python value (RNG states included), so they are read with
 torch.load(weights_only=True): a planted checkpoint cannot run code.
 """
+from __future__ import annotations
+
+import argparse
 import contextlib
 import math
 import os
 import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from humelib.fileio import torch_save
 from humelib.run_folder import SCRIPT, Run
 from humelib.runtime import HumeError, first_line
+
+if TYPE_CHECKING:
+    from humelib.hume_args import Settings
+Args = Union[argparse.Namespace, "Settings"]  # hume.py's settings or run_turtle.py's flags
 
 # settings a resumed run must share with the run it continues (the rest, e.g. --num_iters, may change)
 # (--inner_lr as given, a number or 'auto': auto's step follows from the data, which is checked too; --mmap changes
@@ -36,7 +46,7 @@ def not_ours(run: Run) -> str:
     return f"--resume: {run.checkpoint} is not a checkpoint written by this version of {SCRIPT[run.method]}"
 
 
-def same(a, b) -> bool:
+def same(a: object, b: object) -> bool:
     """Settings equal, floats up to rounding (a resolved --inner_lr auto may differ in the last bit)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
@@ -45,7 +55,7 @@ def same(a, b) -> bool:
     return a == b
 
 
-def read(run: Run, args, fixed: tuple, keys: tuple, limit: int, limit_flag: str) -> dict | None:
+def read(run: Run, args: Args, fixed: tuple, keys: tuple, limit: int, limit_flag: str) -> dict | None:
     """The run's checkpoint, checked: ours, written with the same settings (names in fixed), at an iteration in
     0..limit; None when there is none yet (a fresh start). Everything else is one line naming the file."""
     path, bad = run.checkpoint, not_ours(run)
@@ -73,7 +83,7 @@ def read(run: Run, args, fixed: tuple, keys: tuple, limit: int, limit_flag: str)
 
 
 @contextlib.contextmanager
-def restoring(run: Run):
+def restoring(run: Run) -> Iterator[None]:
     """Loading a checked checkpoint's contents into the run's objects: any failure is one line."""
     try:
         yield
@@ -106,7 +116,8 @@ def set_rng_states(state: dict) -> None:
 
 # ---------------------------------------------------------------- HUME
 
-def save(run: Run, args, iteration: int, encoder, opt, gen, extra: dict, shapes: dict | None = None) -> None:
+def save(run: Run, args: Settings, iteration: int, encoder: nn.Module, opt: torch.optim.Optimizer,
+         gen: torch.Generator, extra: dict, shapes: dict | None = None) -> None:
     """shapes: the input arrays' shapes ({"phi1": [n, d1], "phi2": [[n, d2], ...]}), checked on resume."""
     state = {"iteration": iteration, "encoder": encoder.state_dict(), "optimizer": opt.state_dict(),
              "generator": gen.get_state(), **rng_states(), "fixed": {k: getattr(args, k) for k in FIXED},
@@ -114,7 +125,8 @@ def save(run: Run, args, iteration: int, encoder, opt, gen, extra: dict, shapes:
     torch_save(state, run.checkpoint)
 
 
-def load(run: Run, args, encoder, opt, gen, shapes: dict | None = None) -> tuple | None:
+def load(run: Run, args: Settings, encoder: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+         shapes: dict | None = None) -> tuple | None:
     """Restore HUME's checkpoint into encoder/opt/gen and the global RNGs. Returns (next iteration, extra) or None
     when there is no checkpoint yet. A checkpoint of another run, another data set or a foreign file is refused
     with one line."""
@@ -137,7 +149,7 @@ def load(run: Run, args, encoder, opt, gen, shapes: dict | None = None) -> tuple
     return state["iteration"], extra
 
 
-def check_optimizer(encoder, opt) -> None:
+def check_optimizer(encoder: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Adam's moments must have their parameter's shape (load_state_dict does not check; a step would fail)."""
     for p in encoder.parameters():
         for name, v in opt.state.get(p, {}).items():
@@ -145,7 +157,7 @@ def check_optimizer(encoder, opt) -> None:
                 raise ValueError(f"Adam state {name} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
 
 
-def valid_w0(w0, args, shapes) -> bool:
+def valid_w0(w0: object, args: Settings, shapes: dict | None) -> bool:
     """The fixed inner init (--no_rand_init): None, or one (1, k, d2 + 1) tensor per phi2 space."""
     if w0 is None:
         return not args.no_rand_init
@@ -157,7 +169,9 @@ def valid_w0(w0, args, shapes) -> bool:
 
 # ---------------------------------------------------------------- TURTLE
 
-def save_turtle(run: Run, args, it: int, theta, opt, inner, inner_opt, gen, seconds: float) -> None:
+def save_turtle(run: Run, args: argparse.Namespace, it: int, theta: nn.Module, opt: torch.optim.Optimizer,
+                inner: nn.Module | None, inner_opt: torch.optim.Optimizer | None, gen: torch.Generator,
+                seconds: float) -> None:
     state = {"iteration": it, "theta": theta.state_dict(), "opt": opt.state_dict(), "generator": gen.get_state(),
              "torch_rng": torch.get_rng_state(), "seconds": seconds,
              "fixed": {k: getattr(args, k) for k in TURTLE_FIXED}}
@@ -166,7 +180,9 @@ def save_turtle(run: Run, args, it: int, theta, opt, inner, inner_opt, gen, seco
     torch_save(state, run.checkpoint)
 
 
-def load_turtle(run: Run, args, theta, opt, inner, inner_opt, gen) -> tuple | None:
+def load_turtle(run: Run, args: argparse.Namespace, theta: nn.Module, opt: torch.optim.Optimizer,
+                inner: nn.Module | None, inner_opt: torch.optim.Optimizer | None,
+                gen: torch.Generator) -> tuple | None:
     """Restore TURTLE's checkpoint in place; returns (next iteration, seconds so far), or None when there is none."""
     state = read(run, args, TURTLE_FIXED, TURTLE_KEYS, args.T, "--T")
     if state is None:

@@ -17,7 +17,10 @@ Rules shared by both: always a number in [0, 1], never NaN. A constant labeling 
 0.0; with fewer points than folds each point is its own fold; a fold whose training part holds a single class (a
 class too small for the folds) is scored as predicting that class for its held-out points.
 """
+from __future__ import annotations
+
 import warnings
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -26,7 +29,7 @@ SMALL = 2_000_000  # features (n x d values) scored in this process, one thread,
 # demo's 360 x 480 took 2.4 s in worker processes (their start-up), 0.3 s here (6 s with 2 threads on a busy CPU)
 
 
-def cv_score(features, y_pred, folds=10, seed=1):
+def cv_score(features: np.ndarray, y_pred: np.ndarray, folds: int = 10, seed: int = 1) -> float:
     """HUME's score (the paper's definition above) of labels y_pred (n,) from features (n x d)."""
     from sklearn.model_selection import KFold
     n = len(y_pred)
@@ -34,7 +37,7 @@ def cv_score(features, y_pred, folds=10, seed=1):
     return fold_accuracy(features, y_pred, splits, C=np.inf, max_iter=100, tol=1e-4)
 
 
-def turtle_cv_score(features, y_pred, folds=10, seed=42):
+def turtle_cv_score(features: np.ndarray, y_pred: np.ndarray, folds: int = 10, seed: int = 42) -> float:
     """TURTLE's --cross_val score (its definition above) of labels y_pred (n,) from features (n x d).
 
     The penalty in scikit-learn's terms: cuML's LogisticRegression hands QN l2_strength = 1/C, and QN's default
@@ -49,7 +52,9 @@ def turtle_cv_score(features, y_pred, folds=10, seed=42):
     return fold_accuracy(features, y_pred, splits, C=1.0, max_iter=1000, tol=1e-9)
 
 
-def fold_accuracy(features, y_pred, splits, C, max_iter, tol):
+def fold_accuracy(features: np.ndarray, y_pred: np.ndarray,
+                  splits: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], C: float, max_iter: int, tol: float
+                  ) -> float:
     """Mean held-out accuracy of LogisticRegression(C, max_iter, tol) over the folds of splits(), in parallel."""
     from sklearn.utils.parallel import Parallel, delayed
     y_pred = np.asarray(y_pred)
@@ -64,7 +69,8 @@ def fold_accuracy(features, y_pred, splits, C, max_iter, tol):
     return float(np.mean(accs))
 
 
-def fold_fit(X, y, tr, te, C, max_iter, tol):
+def fold_fit(X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, C: float, max_iter: int, tol: float
+             ) -> float:
     """Held-out accuracy of one fold; a training part holding one class predicts that class."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression

@@ -9,6 +9,8 @@ its share, and one all-reduce per outer iteration sums gradients, loss and inner
 the same clipped Adam step, so the task encoders stay identical (checked by a checksum every --eval_every
 iterations). Only rank 0 prints and writes files. hume.py imports this module only under torchrun.
 """
+from __future__ import annotations
+
 import os
 from types import SimpleNamespace
 
@@ -19,12 +21,12 @@ from humelib.runtime import HumeError
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def launched():
+def launched() -> bool:
     """True when torchrun (or an equivalent launcher) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(num_subsets, device):
+def init(num_subsets: int, device: str) -> SimpleNamespace:
     """Join the process group (NCCL on GPUs, gloo on CPUs) and bind this rank's GPU. Returns the world: rank, size
     and the device this rank computes on."""
     import torch.distributed as dist
@@ -45,14 +47,15 @@ def init(num_subsets, device):
     return SimpleNamespace(rank=rank, size=size, dist=dist, device=device)
 
 
-def share(world, S):
+def share(world: SimpleNamespace, S: int) -> slice:
     """This rank's contiguous block of the S subsets; blocks differ by at most one subset (S need not divide)."""
     base, extra = divmod(S, world.size)
     start = world.rank * base + min(world.rank, extra)
     return slice(start, start + base + (world.rank < extra))
 
 
-def all_reduce(world, encoder, loss, fit):
+def all_reduce(world: SimpleNamespace, encoder: torch.nn.Module, loss: torch.Tensor, fit: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum gradients, loss and the inner-fit sums over ranks in one all-reduce. fit comes back as (1, 3): the
     mean over all subsets (the share sizes differ, so sums and a count travel together)."""
     grads = [p.grad for p in encoder.parameters()]
@@ -67,7 +70,7 @@ def all_reduce(world, encoder, loss, fit):
     return loss, (fit_sum / count).unsqueeze(0)
 
 
-def check_in_sync(world, encoder, iteration):
+def check_in_sync(world: SimpleNamespace, encoder: torch.nn.Module, iteration: int) -> None:
     """Stop every rank with a clear error if the task encoders have drifted apart (they must be identical)."""
     local = torch.stack([p.detach().double().sum() for p in encoder.parameters()]).sum().reshape(1)
     every = [torch.zeros_like(local) for _ in range(world.size)]
@@ -77,7 +80,7 @@ def check_in_sync(world, encoder, iteration):
                         f"{[e.item() for e in every]}; check that every rank reads the same data and flags")
 
 
-def close(world, wait=False):
+def close(world: SimpleNamespace | None, wait: bool = False) -> None:
     """Leave the process group. wait: after a run that succeeded, every rank waits for the others first (rank 0
     still computes the CV score and writes the files); a rank that tears down while its peers are still connected
     can be aborted by gloo ("terminate called without an active exception", exit -6)."""

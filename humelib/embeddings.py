@@ -4,7 +4,9 @@ Arrays are loaded into memory (float32, on the device) or, with --mmap, left mem
 rows of the current outer iteration's subsets are read, so phi arrays larger than RAM work. Either way the loop
 reads them through one type, Rows.
 """
-from typing import NamedTuple
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -12,13 +14,17 @@ import torch
 from humelib.arrays import check_rows, load_array, load_labels
 from humelib.runtime import HumeError, warn
 
+if TYPE_CHECKING:
+    from humelib.hume_args import Settings
+
 
 class Rows:
     """Rows of one phi array as float32 tensors on a device, prepared as they are read (L2-normalised, scaled, a ones
     column for the inner bias). The array is held as given, in memory or memory-mapped: an outer step reads only its
     subsets' rows, so no prepared copy of the whole array is ever made (at ImageNet's size phi2 is 10 GB)."""
 
-    def __init__(self, arr, device, normalize=False, scale=1.0, ones=False):
+    def __init__(self, arr: np.ndarray | torch.Tensor, device: str | torch.device, normalize: bool = False,
+                 scale: float = 1.0, ones: bool = False) -> None:
         """arr: a numpy array (made float32), a np.memmap (read on demand) or a tensor (its dtype kept)."""
         self.device, self.normalize, self.scale, self.ones = torch.device(device), normalize, scale, ones
         self.mapped = isinstance(arr, np.memmap)
@@ -37,21 +43,21 @@ class Rows:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
         return x
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.data.shape[0]
 
-    def take(self, rows):
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
         """The given rows (a LongTensor; sorted, for sequential disk reads when memory-mapped), prepared."""
         if not self.mapped:
             return self._prepare(self.data[rows.to(self.device)])
         return self._prepare(torch.from_numpy(np.asarray(self.data[rows.cpu().numpy()], dtype=np.float32)))
 
-    def range(self, start, stop):
+    def range(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop-1 (stop capped at the length), prepared."""
         x = self.data[start:min(stop, len(self))]
         return self._prepare(torch.from_numpy(np.array(x, dtype=np.float32)) if self.mapped else x)
 
-    def all(self):
+    def all(self) -> torch.Tensor:
         """Every row, prepared: the array itself when there is nothing to prepare, else a prepared copy kept for
         the next call (phi1's labels read every row at every outer step)."""
         if self._all is None:
@@ -64,13 +70,13 @@ class Data(NamedTuple):
     """The arrays of one run: phi2 and phi2_val hold one array per phi2 space; the evaluation arrays are the training
     arrays themselves when the run is transductive; y_val is None without --gt_labels_path."""
     phi1: np.ndarray
-    phi2: list
+    phi2: list[np.ndarray]
     phi1_val: np.ndarray
-    phi2_val: list
-    y_val: object
+    phi2_val: list[np.ndarray]
+    y_val: np.ndarray | None
 
 
-def load_data(cfg) -> Data:
+def load_data(cfg: Settings) -> Data:
     """The arrays named by the Settings cfg, checked against each other and against k and the subset size."""
     load = lambda path, flag: load_array(path, flag, mmap=cfg.mmap)
     phi1, phi2 = load(cfg.phi1_path, "--phi1_path"), [load(p, "--phi2_path") for p in cfg.phi2_path]
@@ -85,7 +91,7 @@ def load_data(cfg) -> Data:
     return check_data(cfg, Data(phi1, phi2, phi1_val, phi2_val, y_val), names)
 
 
-def check_data(cfg, data: Data, names: dict | None = None) -> Data:
+def check_data(cfg: Settings, data: Data, names: dict | None = None) -> Data:
     """The arrays of a run checked against each other, against k and the subset size, and for the variance and row
     norms HUME needs. names: (flag, path) of each array, as the errors name them (None: arrays given in memory)."""
     phi1, phi2, phi1_val, phi2_val = data.phi1, data.phi2, data.phi1_val, data.phi2_val
@@ -128,7 +134,7 @@ def check_data(cfg, data: Data, names: dict | None = None) -> Data:
     return data
 
 
-def check_variance(x, flag, path, chunk=1 << 16):
+def check_variance(x: np.ndarray, flag: str, path: str, chunk: int = 1 << 16) -> None:
     """Refuse an array whose rows are all the same (zero included): it separates nothing, and --inner_lr auto
     would divide by zero."""
     first = np.asarray(x[:1], dtype=np.float64)
@@ -138,7 +144,7 @@ def check_variance(x, flag, path, chunk=1 << 16):
     raise HumeError(f"{flag} {path}: every row is the same (no variance); this is not a representation of the points")
 
 
-def row_norm_range(x, chunk=1 << 16):
+def row_norm_range(x: np.ndarray, chunk: int = 1 << 16) -> tuple[float, float]:
     norms = np.concatenate([np.linalg.norm(np.asarray(x[i:i + chunk], dtype=np.float32), axis=1)
                             for i in range(0, x.shape[0], chunk)])
     return float(norms.min()), float(norms.max())

@@ -1,10 +1,14 @@
 """The command line every script shares: a parser whose errors are one line and exit code 2, and the flag types
 (argparse type=) that read numbers, seeds and devices the same way in every script, each message naming the flag.
 """
+from __future__ import annotations
+
 import argparse
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -16,7 +20,7 @@ class Parser(argparse.ArgumentParser):
     with exit_on_error=False (humelib.api) a HumeError instead. A flag's bad value reads "--flag must be ..., got
     ..." (the flag types below phrase their messages so)."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", " ".join(message.split()))
         if not self.exit_on_error:
             raise HumeError(message)
@@ -24,7 +28,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def make_parser(doc, exit_on_error=True):
+def make_parser(doc: str, exit_on_error: bool = True) -> Parser:
     """A parser whose description is the first paragraph of the script's docstring; defaults shown in --help."""
     # allow_abbrev=False: a typo such as --num_iter must not silently become --num_iters
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -36,7 +40,7 @@ def make_parser(doc, exit_on_error=True):
 NUMBER = re.compile(r"[+-]?(?:inf|infinity|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)", re.IGNORECASE)
 
 
-def _float(text):
+def _float(text: str) -> float:
     """An ASCII decimal number (float() also takes '١٢', '1_0' and spaces: a flag value must read the same
     everywhere), finite."""
     if not NUMBER.fullmatch(text):
@@ -47,30 +51,30 @@ def _float(text):
     return value
 
 
-def finite_float(text):
+def finite_float(text: str) -> float:
     return _float(text)
 
 
-def positive_float(text):
+def positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
-def nonnegative_float(text):
+def nonnegative_float(text: str) -> float:
     value = _float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
-def int_in(lo, hi=None, what=None):
+def int_in(lo: int, hi: int | None = None, what: str | None = None) -> Callable[[str], int]:
     """The argparse type of an integer flag in [lo, hi]: ASCII digits with an optional sign only (int() also
     takes '١٢', '1_000' and spaces; '²'.isdigit() is true but int('²') fails)."""
     bounds = what or (f">= {lo}" if hi is None else f"between {lo} and {hi}")
 
-    def parse(text):
+    def parse(text: str) -> int:
         if not re.fullmatch(r"[+-]?[0-9]+", text):
             raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
         value = int(text)
@@ -84,19 +88,19 @@ def int_in(lo, hi=None, what=None):
 seed_int = int_in(0, 2 ** 32 - 1, "between 0 and 2**32 - 1 (numpy's range)")  # every --seed
 
 
-def int_list(lo):
+def int_list(lo: int) -> Callable[[str], list[int]]:
     """The argparse type of a comma list of integers >= lo ("100,300")."""
     one = int_in(lo)
 
-    def parse(text):
+    def parse(text: str) -> list[int]:
         return [one(t) for t in text.split(",")]
     parse.__name__ = f"comma list of integers >= {lo}"
     return parse
 
 
-def choice_list(choices):
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     """The argparse type of a comma list of names from choices ("adjoint,bf16")."""
-    def parse(text):
+    def parse(text: str) -> list[str]:
         names = text.split(",")
         bad = [n for n in names if n not in choices]
         if bad:
@@ -105,7 +109,7 @@ def choice_list(choices):
     return parse
 
 
-def device_problem(name):
+def device_problem(name: str) -> str | None:
     """What is wrong with torch device name here ("NAME: reason; fix"), or None: cpu, cuda[:i] when CUDA and that
     device are there, mps when available."""
     try:
@@ -125,7 +129,7 @@ def device_problem(name):
     return None
 
 
-def device(text):
+def device(text: str) -> str:
     """The argparse type of --device: a device that exists here."""
     problem = device_problem(text)
     if problem:
@@ -133,5 +137,5 @@ def device(text):
     return text
 
 
-def default_device():
+def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,6 +2,9 @@
 and the Settings they resolve to. Resolved once after validation and passed explicitly; nothing changes them later.
 select_k.py reuses the parser to check the flags it passes on to hume.py.
 """
+from __future__ import annotations
+
+import argparse
 import dataclasses
 
 from humelib import products
@@ -12,7 +15,7 @@ from humelib.inner_lr import inner_lr_type
 from humelib.runtime import HumeError
 
 
-def build_parser(doc, exit_on_error=True):
+def build_parser(doc: str, exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = make_parser(doc, exit_on_error)
     p.add_argument("--phi1_path", help="phi1 .npy (n x d1, rows L2-normalised); default: the bundled digits demo")
     p.add_argument("--phi2_path", nargs="+", help="phi2 .npy (n x d2), same rows as phi1; several files = several "
@@ -98,16 +101,16 @@ class Settings:
     quiet: bool
 
     @property
-    def method(self):
+    def method(self) -> str:
         """How hypergrad differentiates the inner loop: adjoint, unrolled or first_order."""
         return "first_order" if self.first_order else self.hypergrad
 
     @property
-    def inductive(self):
+    def inductive(self) -> bool:
         return self.phi1_path_val is not None
 
 
-def check_args(args):
+def check_args(args: argparse.Namespace) -> None:
     """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
     if not 0 < args.train_fraction < 1:
         raise HumeError(f"--train_fraction must be between 0 and 1 (exclusive), got {args.train_fraction}")
@@ -127,7 +130,7 @@ def check_args(args):
                         "files; give one evaluation file per phi2 space, in the same order")
 
 
-def settings(args):
+def settings(args: argparse.Namespace) -> Settings:
     """Settings from checked flags. With no path flags at all: the bundled demo, inductive (train split, scored
     on the test split)."""
     paths = {"phi1_path": args.phi1_path, "phi2_path": args.phi2_path, "phi1_path_val": args.phi1_path_val,
@@ -141,7 +144,7 @@ def settings(args):
     return Settings(**{**vars(args), **paths})
 
 
-def parse(doc, argv=None):
+def parse(doc: str, argv: list[str] | None = None) -> Settings:
     """The command line, parsed, checked and resolved into Settings."""
     args = build_parser(doc).parse_args(argv)
     check_args(args)

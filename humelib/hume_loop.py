@@ -6,10 +6,14 @@ checkpoints, resume), humelib.api without (arrays in, a task encoder out, no fil
     encoder, state = train(cfg, search, steps, run)      the outer iterations (Eq. 7)
     results = score(cfg, data, steps, encoder, state)    the labeling of the evaluation points and its CV score
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,7 +33,7 @@ MILESTONES = (100, 200)  # annealing: outer lr x0.1 and tau /10 at these iterati
 
 
 @contextlib.contextmanager
-def set_up(cfg: Settings):
+def set_up(cfg: Settings) -> Iterator[None]:
     """For the block: CUDA matmuls in TF32 if --tf32 (restored after: a notebook keeps its own setting), and the
     global seeds (the task encoder's init draws from torch's)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -56,7 +60,7 @@ class Search:
     y_val: np.ndarray | None  # labels of the evaluation points: metrics only
 
 
-def prepare(cfg: Settings, data: Data, steps: list, world=None) -> Search:
+def prepare(cfg: Settings, data: Data, steps: list, world: SimpleNamespace | None = None) -> Search:
     """steps: one inner_lr.Step per phi2 space."""
     dev = torch.device(cfg.device)
     n = data.phi1.shape[0]
@@ -71,7 +75,8 @@ def prepare(cfg: Settings, data: Data, steps: list, world=None) -> Search:
                   data.y_val)
 
 
-def plan_kernels(cfg: Settings, data: Data, n: int, m: int, m_tr: int, world=None) -> list:
+def plan_kernels(cfg: Settings, data: Data, n: int, m: int, m_tr: int,
+                 world: SimpleNamespace | None = None) -> list:
     """products.plan for each phi2 space on this run's shapes (this rank's share of the subsets): the inner loops'
     layout and kernel, timed here. The unrolled reference needs none (plain matmuls)."""
     if cfg.method == "unrolled":
@@ -126,7 +131,8 @@ def schedule(cfg: Settings, it: int) -> tuple:
     return cfg.outer_lr * 0.1 ** drops, cfg.tau / 10 ** drops
 
 
-def outer_iteration(cfg: Settings, search: Search, st: State, it: int, world=None) -> tuple:
+def outer_iteration(cfg: Settings, search: Search, st: State, it: int,
+                    world: SimpleNamespace | None = None) -> tuple:
     """Iteration it: annealing, the subsets and inner inits drawn, one outer step. Returns (loss, inner fit,
     gradient norm, lr, tau); loss and norm as floats (one host sync)."""
     lr, tau = schedule(cfg, it)
@@ -143,7 +149,8 @@ def outer_iteration(cfg: Settings, search: Search, st: State, it: int, world=Non
     return loss, fit, gnorm, lr, tau
 
 
-def train(cfg: Settings, search: Search, steps: list, run: Run | None = None, world=None) -> tuple:
+def train(cfg: Settings, search: Search, steps: list, run: Run | None = None,
+          world: SimpleNamespace | None = None) -> tuple:
     """The outer loop from a fresh start or the run's checkpoint; without a run, no files. A first Ctrl-C/SIGTERM
     takes effect between iterations (after a checkpoint). Returns the task encoder and the run's state."""
     writer = world is None or world.rank == 0  # only rank 0 writes files
@@ -211,7 +218,7 @@ def plan_record(plans: list) -> dict:
                         "ms_per_step": p.timings, "unavailable": p.unavailable} for p in plans]}
 
 
-def inner_lrs(steps: list):
+def inner_lrs(steps: list) -> float | list[float]:
     """The inner step(s) as logged and saved: one number, or a list with one per phi2 space."""
     return steps[0].lr if len(steps) == 1 else [s.lr for s in steps]
 
@@ -231,7 +238,7 @@ def diverged(it: int, loss: float, gnorm: float, run: Run | None, steps: list, t
             f"the task encoder was not updated. Last good checkpoint: {last}. {cause}")
 
 
-def score(cfg: Settings, data: Data, steps: list, encoder, state: dict) -> dict:
+def score(cfg: Settings, data: Data, steps: list, encoder: torch.nn.Module, state: dict) -> dict:
     """The labeling of the evaluation points, its label-free CV score (several phi2 spaces: the mean) and, with
     labels, ACC/ARI/NMI: the results a run saves (results_{seed}.pickle)."""
     preds = predict(encoder.weight, Rows(data.phi1_val, cfg.device, cfg.normalize))

@@ -1,23 +1,30 @@
 """The one reader of image files (extract.py's image folders, plot.py --montage's thumbnails): regular files only,
 a pixel limit, and every failure one line naming the image, also from DataLoader worker processes.
 """
+from __future__ import annotations
+
 import os
 import stat
 import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset, default_collate
 
 from humelib.arrays import source_problem
 from humelib.runtime import HumeError, first_line
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
-def shown(path):
+
+def shown(path: str) -> str:
     """path as a message can print it: as is, or escaped when it holds line breaks, control characters or bytes
     that are not UTF-8 (print would fail on those, or split the one line)."""
     return path if source_problem(path) is None and path.isprintable() else repr(path)
 
 
-def check_image_files(paths, flag):
+def check_image_files(paths: Iterable[str], flag: str) -> None:
     """Before any work: every path names a regular file (a FIFO named *.png would block the reader forever) whose
     name can be written to the sources file and read back as the same one line."""
     for path in paths:
@@ -34,7 +41,7 @@ def check_image_files(paths, flag):
                             "name); remove it")
 
 
-def read_image(path):
+def read_image(path: str) -> Image:
     """The image at path as an RGB PIL image, decoded in full. Refuses a non-regular file (opened non-blocking, so
     a FIFO cannot hang us), more pixels than PIL's limit (a decompression bomb: a small file whose header claims,
     e.g., 30000 x 30000), and damaged or truncated data: a HumeError naming the image."""
@@ -67,20 +74,20 @@ class Failed(str):
 class CarryErrors(Dataset):
     """dataset with each item's HumeError returned as a Failed line instead of raised (see collate)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Any:
         try:
             return self.dataset[i]
         except HumeError as e:
             return Failed(str(e))
 
 
-def collate(batch):
+def collate(batch: list[Any]) -> Any:
     """DataLoader collate_fn for CarryErrors: the batch's first Failed line in place of the batch, if any."""
     failed = [item for item in batch if isinstance(item, Failed)]
     return failed[0] if failed else default_collate(batch)

@@ -6,13 +6,19 @@ paper's step 0.001 suits raw features with row norms in the tens; on unit-norm e
 classifier and the search has no signal. `auto` rescales each phi2 space to RMS row norm sqrt(d2) and steps at
 1/lambda_max, so the inner problem is the same whatever the embedding's scale.
 """
-from typing import NamedTuple
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from humelib.flags import positive_float
 from humelib.runtime import log
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Step(NamedTuple):
@@ -23,12 +29,12 @@ class Step(NamedTuple):
     lam: float
 
 
-def inner_lr_type(text):
+def inner_lr_type(text: str) -> str | float:
     """argparse type of --inner_lr: a finite number > 0, or 'auto'."""
     return text if text == "auto" else positive_float(text)
 
 
-def resolve(inner_lr, phi2s, quiet=False):
+def resolve(inner_lr: str | float, phi2s: Sequence[np.ndarray], quiet: bool = False) -> list[Step]:
     """One Step per phi2 space for the flag value inner_lr (a number, or 'auto'); logs each."""
     auto = inner_lr == "auto"
     steps = []
@@ -44,14 +50,14 @@ def resolve(inner_lr, phi2s, quiet=False):
     return steps
 
 
-def fit_summary(fit):
+def fit_summary(fit: torch.Tensor) -> dict[str, float]:
     """Mean inner diagnosis over subsets (fit: (S, 3) from hypergrad): CE before/after the inner loop, share
     lowered, train agreement."""
     ce0, ceT, agree = fit.mean(0).tolist()
     return {"ce_start": ce0, "ce_end": ceT, "ce_drop": (ce0 - ceT) / max(ce0, 1e-12), "train_agreement": agree}
 
 
-def untrained(first_fit):
+def untrained(first_fit: object) -> bool:
     """Did the inner classifier barely train at the first outer iteration (a fit_summary; anything else, e.g.
     None in the paper's results or a damaged entry, counts as no)?"""
     drop = first_fit.get("ce_drop") if isinstance(first_fit, dict) else None
@@ -63,7 +69,7 @@ MAX_ROWS = 200_000  # second moment estimated from at most this many rows (seede
 BLOCK_ROWS = 2048  # rows converted to float64 at a time (~13 MB at d2 = 768)
 
 
-def lambda_max(phi2, seed=0, scale=1.0):
+def lambda_max(phi2: np.ndarray, seed: int = 0, scale: float = 1.0) -> float:
     """Largest eigenvalue of the second moment of [phi2, 1] (the ones column is the inner bias).
 
     Gradient descent on the inner soft-label CE is stable up to a step of about 4 / lambda_max (the softmax
@@ -92,7 +98,7 @@ def lambda_max(phi2, seed=0, scale=1.0):
     return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-10)[0][0])
 
 
-def auto_inner_step(phi2, seed=0):
+def auto_inner_step(phi2: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """--inner_lr auto: rescale phi2 to RMS row norm sqrt(d2), then step 1/lambda_max of [phi2 * scale, 1].
 
     The rescaling makes the inner problem the same whatever the embedding's scale: features then have unit second
@@ -111,7 +117,7 @@ DROP_MIN = 0.1  # inner CE lowered by less than 10% over the inner loop at the f
 LR_LAM_MIN, LR_LAM_MAX = 0.01, 4.0  # inner_lr x lambda_max outside this range: far too small / divergent
 
 
-def diagnose(fit, lr, lam):
+def diagnose(fit: Mapping[str, float], lr: float, lam: float) -> str | None:
     """One warning line when the inner classifier does not train (fit: fit_summary), else None."""
     rate = lr * lam
     if rate > LR_LAM_MAX:

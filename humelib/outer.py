@@ -2,7 +2,11 @@
 subsets and phi2 spaces, clipped to norm 1.0, and one Adam step on the task encoder. Under torchrun each rank does
 its share of the subsets and one all-reduce sums the gradients (distributed.py).
 """
-from typing import NamedTuple
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -10,17 +14,21 @@ from torch import nn
 from humelib import distributed
 from humelib.hypergrad import outer_losses
 
+if TYPE_CHECKING:
+    from humelib.embeddings import Rows
+    from humelib.products import Plan
+
 
 class Objective(NamedTuple):
     """The outer loss beside the data and tau: the inner loop (one step size per phi2 space, the number of steps,
     how it is differentiated, bf16 GEMMs or not, and one products.Plan per phi2 space: layout and kernel; none: the
     size rule and the first kernel that runs) and the weight of the balance term."""
-    inner_lrs: tuple
+    inner_lrs: tuple[float, ...]
     steps: int
     H_reg: float
     method: str = "adjoint"
     bf16: bool = False
-    plans: tuple = ()
+    plans: tuple[Plan, ...] = ()
 
 
 class Batch(NamedTuple):
@@ -28,10 +36,11 @@ class Batch(NamedTuple):
     and one inner init w0 (S, k, d2+1) per phi2 space."""
     idx: torch.Tensor
     m_tr: int
-    w0s: list
+    w0s: list[torch.Tensor]
 
 
-def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
+def hypergradient(encoder: nn.Linear, phi1: Rows, phi2s: Sequence[Rows], batch: Batch, tau: float, obj: Objective,
+                  total_subsets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outer loss over the batch's subsets, averaged over subsets and phi2 spaces; its gradient is accumulated into
     the encoder's .grad. phi1, phi2s: inputs.Rows (phi2 with its ones column). The orthogonal parametrisation is
     evaluated and back-propagated once, however many subsets. total_subsets: the S the mean is over (the batch may
@@ -58,7 +67,9 @@ def hypergradient(encoder, phi1, phi2s, batch, tau, obj, total_subsets=None):
     return total, torch.cat(fits)
 
 
-def outer_step(encoder, opt, phi1, phi2s, batch, tau, obj, world=None):
+def outer_step(encoder: nn.Linear, opt: torch.optim.Optimizer, phi1: Rows, phi2s: Sequence[Rows], batch: Batch,
+               tau: float, obj: Objective, world: SimpleNamespace | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step.
     Under torchrun each rank does its share of the subsets and one all-reduce sums the gradients.
     Returns the loss, the inner fit and the gradient norm before clipping (tensors: no host sync here)."""

@@ -12,20 +12,24 @@ Speed depends on the CPU's instruction set (AVX2, AVX-512, AMX), the BLAS and th
 from timings taken elsewhere: `plan` probes every kernel on a tiny product (one that raises or computes wrong is
 dropped: e.g. oneDNN's bfloat16 path needs AVX-512 or AVX-NE-CONVERT) and times the rest on the run's own shapes.
 """
+from __future__ import annotations
+
 import functools
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
 BACKENDS = ("onednn", "onednn_raw", "blas", "blas_t")
 PLAN_SECONDS = 0.06  # timing budget per candidate and layout: a whole plan takes one to a few seconds
+T = TypeVar("T")
 
 
-def softmax(Z, dim=-1):
+def softmax(Z: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over `dim` (no autograd through it here). Exponents are clamped at -87: below that a float32 exp is
     subnormal or 0 and torch's CPU exp takes a several times slower path; the probabilities this changes are below
     2e-38, against float32's resolution of 1e-7 at 1. Over a last dimension that is a multiple of 16 torch's fused
@@ -37,7 +41,7 @@ def softmax(Z, dim=-1):
     return e.div_(e.sum(dim, keepdim=True))
 
 
-def gemms(X, width, kernel="blas", km=False):
+def gemms(X: torch.Tensor, width: int, kernel: str = "blas", km: bool = False) -> SimpleNamespace:
     """The inner loop's two products with a fixed X (m, D), for operands of about `width` rows:
     km=True:  logits(w) = w X^T (r, m) for w (r, D); grad(G) = G X (r, D) for G (r, m)   (classes first)
     km=False: logits(w) = X w^T (m, r);               grad(G) = G^T X (r, D) for G (m, r)
@@ -71,7 +75,7 @@ def gemms(X, width, kernel="blas", km=False):
     return SimpleNamespace(logits=lambda w: cast(logits_km(w).T.contiguous()), grad=lambda G: cast(grad_km(G.T)))
 
 
-def kernels():
+def kernels() -> tuple[str, ...]:
     """Every kernel name, float32 ones first."""
     return BACKENDS + tuple(f"{b}-bf16" for b in BACKENDS)
 
@@ -95,12 +99,12 @@ def _probe(kernel, device, onednn_enabled):
     return "wrong results on a test product" if bad else None
 
 
-def probe(kernel, device="cpu"):
+def probe(kernel: str, device: str | torch.device = "cpu") -> str | None:
     """None if `kernel` runs and computes right here (cached per process), else the reason it cannot be used."""
     return _probe(kernel, torch.device(device).type, torch.backends.mkldnn.enabled)
 
 
-def default_kernel(device="cpu", bf16=False):
+def default_kernel(device: str | torch.device = "cpu", bf16: bool = False) -> str:
     """The first kernel that runs here, without timing (library calls that bring no plan)."""
     return next(k for k in kernels() if k.endswith("bf16") == bf16 and probe(k, device) is None)
 
@@ -147,7 +151,7 @@ def _timings(names, make, budget):
     return {kn: statistics.median(rounds[kn]) if kn in rounds else first[kn] for kn in names}
 
 
-def run_concurrently(tasks, workers):
+def run_concurrently(tasks: Sequence[Callable[[], T]], workers: int) -> list[T]:
     """Call each of tasks (no arguments) and return their results in order: one after another when workers is 1,
     else on `workers` threads at once, each with one thread for torch's own parallelism (the subsets of an outer
     iteration are independent; on some CPUs several one-thread products outrun one product split over the cores)."""
@@ -179,11 +183,11 @@ class Plan(NamedTuple):
     others could not run). A pinned kernel is not timed: layout "auto" (hypergrad's size rule), one subset at a time."""
     layout: str
     kernel: str
-    timings: dict
-    unavailable: dict
+    timings: dict[str, dict[str, float]]
+    unavailable: dict[str, str]
     workers: int = 1
 
-    def summary(self):
+    def summary(self) -> str:
         if not self.timings:
             return f"{self.kernel} kernel (pinned), one subset at a time"
         key = f"subset x{self.workers}" if self.workers > 1 else self.layout
@@ -192,7 +196,8 @@ class Plan(NamedTuple):
         return f"{self.kernel} kernel, {self.layout} layout{at_once} ({ms:.2f} ms per inner step)"
 
 
-def plan(n, m, m_tr, D, k, S, device="cpu", bf16=False, only=None, budget=PLAN_SECONDS):
+def plan(n: int, m: int, m_tr: int, D: int, k: int, S: int, device: str | torch.device = "cpu", bf16: bool = False,
+         only: str | None = None, budget: float = PLAN_SECONDS) -> Plan:
     """Time the candidate kernels for one inner step on the run's shapes (S subsets of m of n points, m_tr of them
     X_tr, D columns with the ones column, k classes) and keep the fastest per outer iteration, among: the subset
     layout with one subset at a time, or (CPU, S > 1) as many at a time as torch has threads, one thread each; and
@@ -226,7 +231,7 @@ def plan(n, m, m_tr, D, k, S, device="cpu", bf16=False, only=None, budget=PLAN_S
     return Plan(key.split()[0], kernel, timings, unavailable, W if key.startswith("subset x") else 1)
 
 
-def advice(p):
+def advice(p: Plan) -> str | None:
     """A warning when the plan's bfloat16 kernel is slower than float32 would be here (no bfloat16 kernel on this
     CPU: --bf16 then costs accuracy and time), else None."""
     if not p.kernel.endswith("bf16"):

@@ -9,11 +9,14 @@ its method in owner_{seed}.txt ("hume" or "turtle") before it trains, and a run 
 refused. Folders without that file (written by the paper's hume.py, or before it existed) are told by their task
 and checkpoint files. The name never matches linear_task_(\d+)\.pt or results_(\d+)\.pickle.
 """
+from __future__ import annotations
+
 import contextlib
 import json
 import os
 import pickle
 import re
+from collections.abc import Iterator
 
 from humelib.fileio import (OutputGroup, append_jsonl, check_output_file, json_ready, read_jsonl, write_bytes,
                             write_error)
@@ -30,7 +33,7 @@ LOG_FILE = re.compile(r"metrics_(-?\d+)\.jsonl")
 class Run:
     """One seed's run of method ("hume" or "turtle") in folder: its files' paths and what may be done with them."""
 
-    def __init__(self, folder: str, seed: int, method: str, flag: str = "--exp_path"):
+    def __init__(self, folder: str, seed: int, method: str, flag: str = "--exp_path") -> None:
         self.folder, self.seed, self.method, self.flag = folder, seed, method, flag
         task, ckpt = OWN[method]
         self.task = self.path(task.format(seed))
@@ -69,7 +72,7 @@ class Run:
             write_bytes(self.owner_file, f"{self.method}\n".encode())
 
     @contextlib.contextmanager
-    def lock(self):
+    def lock(self) -> Iterator[str]:
         """Hold an exclusive lock on hume_{seed}.lock for the block: a second run of the same seed into the same
         folder (either method) is refused with one line instead of interleaving its files. The lock dies with the
         process."""

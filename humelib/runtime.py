@@ -3,9 +3,13 @@ seeding and memory.
 
 Every script runs its main through run_cli, so a bad input is one line and exit code 2, never a traceback.
 """
+from __future__ import annotations
+
 import random
 import signal
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +24,7 @@ class Interrupted(KeyboardInterrupt):
     installs. at_boundary: raised between two bodies of an interruptible() loop (state is consistent); hint: how to
     continue, added by the code that caught it (printed by run_cli)."""
 
-    def __init__(self, signum, at_boundary=False):
+    def __init__(self, signum: int, at_boundary: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum, self.at_boundary, self.hint = signum, at_boundary, None
 
@@ -37,7 +41,10 @@ def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
-def interruptible(iterable, on_stop=None):
+T = TypeVar("T")
+
+
+def interruptible(iterable: Iterable[T], on_stop: Callable[[T], object] | None = None) -> Iterator[T]:
     """Iterate with each loop body shielded from a first Ctrl-C/SIGTERM: the signal takes effect when the body
     ends, after on_stop(item) (e.g. a final checkpoint) ran, as Interrupted(at_boundary=True). What the body
     updates (e.g. one outer iteration) is never left half-done; a second signal stops at once."""
@@ -53,7 +60,7 @@ def interruptible(iterable, on_stop=None):
             raise Interrupted(signum, at_boundary=True)
 
 
-def run_cli(main, argv=None):
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run a script's main(argv) (None: the command line); a HumeError becomes one line on stderr and exit code 2,
     never a traceback. Ctrl-C and SIGTERM end the run with one line (exit 130 / 143); an OSError nobody turned
     into a HumeError (a write that failed) still ends as one line naming the file, exit 2."""
@@ -82,14 +89,14 @@ def run_cli(main, argv=None):
             signal.signal(signum, handler)
 
 
-def log(msg, quiet=False):
+def log(msg: str, quiet: bool = False) -> None:
     """The one place scripts print progress messages (through tqdm, so a running progress bar stays intact)."""
     if not quiet:
         from tqdm import tqdm
         tqdm.write(msg)
 
 
-def summary(seconds, results):
+def summary(seconds: float, results: dict[str, Any]) -> str:
     """The last line of a run: time, label-free CV score and, with labels, ACC/ARI/NMI."""
     line = f"done in {seconds:.1f}s: CV score {results['CV_Score']:.4f}"
     if "cv_seconds" in results:
@@ -99,17 +106,17 @@ def summary(seconds, results):
     return line
 
 
-def warn(msg):
+def warn(msg: str) -> None:
     """A warning the user must see even with --quiet: one line on stderr."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def first_line(e):
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -117,7 +124,7 @@ def seed_everything(seed):
 
 # ---------------------------------------------------------------- memory
 
-def release_freed_memory():
+def release_freed_memory() -> bool:
     """Hand the heap the training loop freed back to the OS (glibc's malloc_trim; elsewhere nothing). glibc keeps
     freed blocks for reuse, so a run's peak is otherwise at its end, where the CV score and interpreter shutdown page
     in ~120 MiB on top of them (the demo: peak 946 -> 901 MiB, no measurable time). Returns whether it ran."""

@@ -5,15 +5,23 @@ annotate.py picks the samples a human labels with it, plot.py --montage the memb
 The first pick is the point closest to the cluster's centre (representative); each next one covers the part of the
 cluster the earlier picks cover worst, so picks are never near each other (diverse).
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 from tqdm import tqdm
 
 from humelib.arrays import l2_normalize
 
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
 MAX_POINTS = 5000  # larger clusters are represented by a fixed random sample of this many points (memory: m^2)
 
 
-def allocate(sizes, budget):
+def allocate(sizes: ArrayLike, budget: int) -> np.ndarray:
     """Samples per cluster: one each (the largest clusters first if budget < #clusters), the rest one at a time to
     the cluster furthest below its share size * budget / n, never more than a cluster holds."""
     sizes = np.asarray(sizes)
@@ -25,7 +33,7 @@ def allocate(sizes, budget):
     return counts
 
 
-def pick_in_cluster(z, count):
+def pick_in_cluster(z: np.ndarray, count: int) -> list[int]:
     """Greedy picks (local indices, in order) minimising sum_i min_{p in picks} ||z_i - z_p||^2 over the cluster.
     With squared distances the first pick is exactly the point closest to the cluster mean."""
     sq = (z * z).sum(1)
@@ -41,7 +49,8 @@ def pick_in_cluster(z, count):
     return picks
 
 
-def pick(clusters, phi, counts, quiet=True):
+def pick(clusters: np.ndarray, phi: ArrayLike, counts: Sequence[int] | np.ndarray, quiet: bool = True
+         ) -> list[tuple[int, int, int]]:
     """[(index, cluster, rank)]: counts[i] points of the i-th cluster of np.unique(clusters) (at most its size),
     picked in space phi, ordered by cluster then rank (1 = most representative)."""
     z = l2_normalize(np.asarray(phi, dtype=np.float64))

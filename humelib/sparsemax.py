@@ -6,12 +6,14 @@ Unlike softmax it gives exact zeros, so HUME's labels are (near) hard while stay
 Works over the last dimension for any batch shape (a single row included) and any k; a temperature is the
 caller's business (HUME passes z = phi1 W^T / tau).
 """
+from __future__ import annotations
+
 import torch
 
 
 class Sparsemax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z):
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor) -> torch.Tensor:
         k = z.shape[-1]
         z = z - z.max(-1, keepdim=True).values  # shift-invariant; keeps float32 cumsums exact for large offsets
         z_sorted, _ = torch.sort(z, dim=-1, descending=True)
@@ -25,7 +27,7 @@ class Sparsemax(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad_p):
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_p: torch.Tensor) -> torch.Tensor:
         # Jacobian is diag(s) - s s^T / |s| with s the support indicator: project the gradient onto the
         # support and remove its mean there.
         p, = ctx.saved_tensors
@@ -34,6 +36,6 @@ class Sparsemax(torch.autograd.Function):
         return on * (grad_p - mean)
 
 
-def sparsemax(z):
+def sparsemax(z: torch.Tensor) -> torch.Tensor:
     """Row-wise sparsemax over the last dimension of z."""
     return Sparsemax.apply(z)

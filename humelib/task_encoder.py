@@ -7,7 +7,10 @@ layout of the paper's code, so folders of either implementation load here.
 TURTLE's task encoder (run_turtle.py) is one weight-normalised linear head per space, its labels the mean softmax;
 saved as turtle_task_{seed}.pt in TURTLE's own layout, {"phi1": state_dict, ...} of plain nn.Linear heads.
 """
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,14 +21,17 @@ from humelib.fileio import load_results
 from humelib.runtime import HumeError
 from humelib.sparsemax import sparsemax
 
+if TYPE_CHECKING:
+    from humelib.embeddings import Rows
 
 
-def make_task_encoder(d1, k):
+
+def make_task_encoder(d1: int, k: int) -> nn.Linear:
     """The paper's task encoder: a linear map with orthonormal rows (the saved state_dict has this layout)."""
     return nn.utils.parametrizations.orthogonal(nn.Linear(d1, k, bias=False))
 
 
-def labels(phi1, W, tau, rows=None):
+def labels(phi1: torch.Tensor, W: torch.Tensor, tau: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 3: the task encoder's labeling, row-wise sparsemax of phi1 W^T / tau; of phi1[rows] if rows are given."""
     return sparsemax((phi1 @ W.T if rows is None else RowsTimesWT.apply(phi1, rows, W)) / tau)
 
@@ -36,29 +42,30 @@ class RowsTimesWT(torch.autograd.Function):
     when the inner loops' memory is free."""
 
     @staticmethod
-    def forward(ctx, phi1, rows, W):
+    def forward(ctx: torch.autograd.function.FunctionCtx, phi1: torch.Tensor, rows: torch.Tensor,
+                W: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(phi1, rows)
         return phi1[rows] @ W.T
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple:
         phi1, rows = ctx.saved_tensors
         return None, None, g.T @ phi1[rows]
 
 
 @torch.no_grad()
-def predict(W, phi1, chunk=1 << 16):
+def predict(W: torch.Tensor, phi1: Rows, chunk: int = 1 << 16) -> np.ndarray:
     """argmax(phi1 W^T) over an inputs.Rows source, in chunks (memory-mapped arrays are never read whole)."""
     return np.concatenate([(phi1.range(i, i + chunk) @ W.T).argmax(1).cpu().numpy()
                            for i in range(0, len(phi1), chunk)])
 
 
-def sample_subsets(gen, n, S, m):
+def sample_subsets(gen: torch.Generator, n: int, S: int, m: int) -> torch.Tensor:
     """S subsets of m distinct points each (indices (S, m)); the first train_fraction of each row is X_tr."""
     return torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(S)])
 
 
-def init_inner(gen, S, k, d2, dtype):
+def init_inner(gen: torch.Generator, S: int, k: int, d2: int, dtype: torch.dtype) -> torch.Tensor:
     """Inner classifiers [V, c] (S, k, d2+1), drawn like nn.Linear's default init: U(-1/sqrt(d2), 1/sqrt(d2))."""
     bound = 1 / np.sqrt(d2)
     return (torch.rand(S, k, d2 + 1, generator=gen, dtype=dtype) * 2 - 1) * bound
@@ -66,11 +73,11 @@ def init_inner(gen, S, k, d2, dtype):
 
 # ---------------------------------------------------------------- task files
 
-def is_turtle(task_path):
+def is_turtle(task_path: str) -> bool:
     return os.path.basename(task_path).startswith("turtle_task_")
 
 
-def check_finite(path, state):
+def check_finite(path: str, state: object) -> None:
     """A task whose weights hold NaN or inf would label every point alike (argmax of NaN): refused, not scored."""
     tensors = [v for v in state.values() if torch.is_tensor(v)] if isinstance(state, dict) else []
     if any(v.is_floating_point() and not torch.isfinite(v).all() for v in tensors):
@@ -78,7 +85,7 @@ def check_finite(path, state):
                         "or rerun its seed")
 
 
-def load_task(path, d1):
+def load_task(path: str, d1: int) -> torch.Tensor:
     """Task encoder weight W (k x d1) from a saved state_dict of orthogonal(nn.Linear(d1, k, bias=False))."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,7 +108,7 @@ def load_task(path, d1):
     return W
 
 
-def check_one_kind(tasks, values, name, what):
+def check_one_kind(tasks: dict, values: dict, name: str, what: str) -> None:
     """A folder mixing tasks of different shapes ({seed: value of name}) is refused, naming the seeds."""
     by = {}
     for s, v in values.items():
@@ -114,35 +121,35 @@ def check_one_kind(tasks, values, name, what):
 
 # ---------------------------------------------------------------- TURTLE's task encoder
 
-def make_turtle_encoder(dims, k):
+def make_turtle_encoder(dims: list[int], k: int) -> nn.ModuleList:
     """theta: one weight-normalised nn.Linear(d_i, k) per space (TURTLE's task encoder)."""
     return nn.ModuleList(nn.utils.parametrizations.weight_norm(nn.Linear(d, k)) for d in dims)
 
 
-def turtle_labels(theta, phis):
+def turtle_labels(theta: nn.ModuleList, phis: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """TURTLE's labels: the mean over spaces of softmax(theta_i(phi_i)); also each space's own labels."""
     return mean_softmax([head(z) for head, z in zip(theta, phis)])
 
 
-def mean_softmax(logits):
+def mean_softmax(logits: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The mean over spaces of softmax(logits_i), and each space's softmax (each (n, k))."""
     per_space = [F.softmax(z, dim=1) for z in logits]
     return torch.stack(per_space).mean(0), per_space
 
 
 @torch.no_grad()
-def turtle_predict(heads, phis):
+def turtle_predict(heads: nn.ModuleList, phis: list[torch.Tensor]) -> np.ndarray:
     """argmax of the mean softmax over spaces (heads: theta, or the plain heads of a saved task)."""
     return turtle_labels(heads, phis)[0].argmax(1).cpu().numpy()
 
 
-def export_turtle_task(theta):
+def export_turtle_task(theta: nn.ModuleList) -> dict:
     """TURTLE's checkpoint layout: {"phi1": state_dict, ...} of plain nn.Linear heads (weight norm folded in)."""
     return {f"phi{i + 1}": {"weight": head.weight.detach().cpu().clone(), "bias": head.bias.detach().cpu().clone()}
             for i, head in enumerate(theta)}
 
 
-def load_turtle_task(path, dims):
+def load_turtle_task(path: str, dims: list[int]) -> nn.ModuleList:
     """The plain nn.Linear(d_i, k) heads of a turtle_task file (ours or TURTLE's released ones), checked against
     the spaces given."""
     try:
@@ -171,7 +178,7 @@ def load_turtle_task(path, dims):
 
 # ---------------------------------------------------------------- predictions of a folder
 
-def task_predictions(phi1, tasks, phis=None):
+def task_predictions(phi1: np.ndarray | None, tasks: dict, phis: list[np.ndarray] | None = None) -> tuple:
     """{seed: predictions}, {seed: CV score} and k. HUME tasks predict argmax(phi1 W^T) (phi1: a float array),
     TURTLE tasks the argmax of their mean softmax over phis (every space's array). Tasks of different k or phi1
     dimension in one folder are refused."""

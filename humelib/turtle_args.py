@@ -1,11 +1,15 @@
 """run_turtle.py's command line: the parser (TURTLE's flags, names and defaults, then ours) and the checks on flag
 values (humelib.api reuses both for its settings).
 """
+from __future__ import annotations
+
+import argparse
+
 from humelib.flags import default_device, device, int_in, make_parser, nonnegative_float, positive_float, seed_int
 from humelib.runtime import HumeError
 
 
-def build_parser(doc: str, exit_on_error: bool = True):
+def build_parser(doc: str, exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = make_parser(doc, exit_on_error)
     p.add_argument("--phi_paths", nargs="+", help="one .npy per representation space (n x d_i, same rows in the "
                    "same order); default: the bundled demo's phi2")
@@ -37,7 +41,7 @@ def build_parser(doc: str, exit_on_error: bool = True):
     return p
 
 
-def check_args(args):
+def check_args(args: argparse.Namespace) -> None:
     """Flag values that cannot work, each reported as one line naming the flag (before anything is read)."""
     if args.phi_paths is None and (args.phi_paths_val or args.gt_labels_path):
         raise HumeError("give --phi_paths (the training arrays), or no path flag at all to run the bundled demo")

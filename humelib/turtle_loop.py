@@ -4,10 +4,14 @@ checkpoints, resume), humelib.api without (arrays in, a task encoder out, no fil
     theta, seconds = train(args, d, run)     the outer iterations (TURTLE, Eq. (13), first-order)
     results = score(args, d, theta, seconds) the labeling of the evaluation points and its CV score
 """
+from __future__ import annotations
+
+import argparse
 import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from humelib import checkpoint
@@ -20,7 +24,7 @@ from humelib.task_encoder import make_turtle_encoder, turtle_predict
 from humelib.turtle_step import init_inner, inner_adam, outer_step
 
 
-def check_data(args, d: dict, names: tuple | None = None) -> dict:
+def check_data(args: argparse.Namespace, d: dict, names: tuple | None = None) -> dict:
     """The arrays of a run ({"phis", "phis_val", "y_val"}) checked against each other and against k. names: how
     errors name the training and the evaluation arrays (lists; None: arrays given in memory)."""
     names = names or ([f"phis[{i}]" for i in range(len(d["phis"]))],
@@ -40,7 +44,7 @@ def check_data(args, d: dict, names: tuple | None = None) -> dict:
     return d
 
 
-def train(args, d: dict, run: Run | None = None) -> tuple:
+def train(args: argparse.Namespace, d: dict, run: Run | None = None) -> tuple:
     """The outer loop from a fresh start or the run's checkpoint; without a run, no files. d: the arrays
     ({"phis", "phis_val", "y_val"}). Returns the task encoder theta and the seconds it trained."""
     dev = torch.device(args.device)
@@ -92,7 +96,8 @@ def train(args, d: dict, run: Run | None = None) -> tuple:
     return theta, time.time() - t0
 
 
-def evaluation(it, losses, theta, phis_val, y_val, seconds):
+def evaluation(it: int, losses: tuple, theta: nn.Module, phis_val: list[torch.Tensor], y_val: np.ndarray | None,
+               seconds: float) -> dict:
     """One metrics_{seed}.jsonl record: the outer loss and its two terms, clusters used, ACC/ARI/NMI if labels."""
     loss, pred_error, entropy = torch.stack(losses).tolist()
     if not np.isfinite(loss):
@@ -105,7 +110,7 @@ def evaluation(it, losses, theta, phis_val, y_val, seconds):
     return record
 
 
-def score(args, d: dict, theta, seconds: float) -> dict:
+def score(args: argparse.Namespace, d: dict, theta: nn.Module, seconds: float) -> dict:
     """The labeling of the evaluation points, its label-free CV score (several spaces: the mean, as TURTLE) and,
     with labels, ACC/ARI/NMI: the results a run saves (results_{seed}.pickle)."""
     on_device = lambda arrays: [torch.from_numpy(a).to(args.device) for a in arrays]

@@ -14,6 +14,11 @@ Written for speed, computing what autograd and torch.optim.Adam would (same upda
 - the labels are computed once and serve both the inner loop (detached) and the outer loss;
 - the inner Adam step is torch's fused one where the device has it: one kernel, no per-parameter Python loop.
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +27,7 @@ from humelib.products import gemms, probe, softmax
 from humelib.task_encoder import mean_softmax
 
 
-def gather_batch(phis, idx, k):
+def gather_batch(phis: Sequence[torch.Tensor], idx: torch.Tensor, k: int) -> list[SimpleNamespace]:
     """The batch's rows of every space, gathered once for the iteration's products, classes first (products.gemms
     with km=True: logits(w) = w phi^T (k, m), grad(G) = G phi for G (k, m))."""
     kernel = "onednn_raw" if probe("onednn_raw", idx.device) is None else "blas"
@@ -33,21 +38,21 @@ class TimesWT(torch.autograd.Function):
     """phi W^T through the batch's prepared products, with W's gradient G^T phi through them too."""
 
     @staticmethod
-    def forward(ctx, W, ops):
+    def forward(ctx: torch.autograd.function.FunctionCtx, W: torch.Tensor, ops: SimpleNamespace) -> torch.Tensor:
         ctx.ops = ops
         return ops.logits(W).T
 
     @staticmethod
-    def backward(ctx, G):
+    def backward(ctx: torch.autograd.function.FunctionCtx, G: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.ops.grad(G.T), None
 
 
-def batch_labels(theta, batch):
+def batch_labels(theta: nn.ModuleList, batch: Sequence[SimpleNamespace]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Eq. 9 on the batch: (Y, each space's softmax), differentiable w.r.t. theta."""
     return mean_softmax([TimesWT.apply(head.weight, ops) + head.bias for head, ops in zip(theta, batch)])
 
 
-def init_inner(gen, dims, k, dev):
+def init_inner(gen: torch.Generator, dims: Sequence[int], k: int, dev: str | torch.device) -> nn.ModuleList:
     """Inner classifiers, one nn.Linear(d_i, k) per space, with nn.Linear's init U(-1/sqrt(d), 1/sqrt(d)) drawn
     from gen (so a resumed run draws the same ones)."""
     inner = nn.ModuleList(nn.utils.skip_init(nn.Linear, d, k) for d in dims)
@@ -58,19 +63,20 @@ def init_inner(gen, dims, k, dev):
     return inner.to(dev)
 
 
-def inner_adam(inner, lr):
+def inner_adam(inner: nn.ModuleList, lr: float) -> torch.optim.Adam:
     """The inner classifiers' Adam (torch's defaults), fused into one kernel on the devices that have it."""
     fused = next(inner.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.Adam(inner.parameters(), lr=lr, fused=fused)
 
 
-def inner_logits(lin, ops):
+def inner_logits(lin: nn.Linear, ops: SimpleNamespace) -> torch.Tensor:
     """An inner classifier's logits on the batch, (m, k)."""
     return ops.logits(lin.weight).T + lin.bias
 
 
 @torch.no_grad()
-def inner_fit(inner, inner_opt, batch, Y, M):
+def inner_fit(inner: nn.ModuleList, inner_opt: torch.optim.Optimizer, batch: Sequence[SimpleNamespace],
+              Y: torch.Tensor, M: int) -> None:
     """M Adam steps on sum_i CE(inner_i(phi_i), Y), Y held fixed (Eq. 13). Each space's loss depends on its own
     classifier only, so its gradient is that of one mean soft-label cross-entropy: with G = (softmax(logits) - Y) / m
     (Y's rows sum to 1), dV = G^T phi and dc = sum of G's rows. Worked with classes as rows, (k, m), the layout the
@@ -85,7 +91,8 @@ def inner_fit(inner, inner_opt, batch, Y, M):
         p.grad = None
 
 
-def outer_loss(Y, per_space, inner, batch, gamma):
+def outer_loss(Y: torch.Tensor, per_space: Sequence[torch.Tensor], inner: nn.ModuleList,
+               batch: Sequence[SimpleNamespace], gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 12: sum_i CE(inner_i(phi_i), Y) with the inner logits held fixed, minus gamma x sum_i H(mean label of
     space i); Y and per_space from batch_labels. Returns (loss, prediction error, entropy)."""
     with torch.no_grad():
@@ -95,7 +102,9 @@ def outer_loss(Y, per_space, inner, batch, gamma):
     return pred_error - gamma * entropy, pred_error, entropy
 
 
-def outer_step(theta, opt, inner, inner_opt, phis, idx, gamma, M):
+def outer_step(theta: nn.ModuleList, opt: torch.optim.Optimizer, inner: nn.ModuleList, inner_opt: torch.optim.Optimizer,
+               phis: Sequence[torch.Tensor], idx: torch.Tensor, gamma: float, M: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One outer iteration on the points idx: labels, M inner steps, one step of theta's optimizer opt on Eq. 12.
     Returns the loss and its two terms, detached: the batch and the graph are freed on return, before the next
     iteration gathers its own."""
