@@ -174,7 +174,7 @@ def _together(steps, reps):
 
 
 class Plan(NamedTuple):
-    """How the inner loops run: the subsets' layout (hypergrad.py), the products' kernel, how many subsets run at
+    """How the inner loops run: the subsets' layout (inner_loop.py), the products' kernel, how many subsets run at
     once, and what was measured (milliseconds per inner step of every candidate that ran, by layout, and why the
     others could not run). A pinned kernel is not timed: layout "auto" (hypergrad's size rule), one subset at a time."""
     layout: str
