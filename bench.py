@@ -65,15 +65,8 @@ def worker(job):
     world, comm = None, []
     if distributed.launched():
         world = distributed.init(job["S"], job["device"])
-        all_reduce = distributed.all_reduce
-
-        def timed_all_reduce(*a):  # the communication share of an outer iteration (incl. waiting for the slowest)
-            t0 = time.perf_counter()
-            out = all_reduce(*a)
-            comm.append(time.perf_counter() - t0)
-            return out
-        distributed.all_reduce = timed_all_reduce
     dev = torch.device(job["device"] if not world or job["device"] == "cpu" else f"cuda:{world.rank}")
+    wait = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     phi1, phi2 = make_data(job["scale"], job["n"])
     n, d1 = phi1.shape
     d2 = phi2.shape[1]
@@ -102,7 +95,16 @@ def worker(job):
         w0 = init_inner(gen, S, k, d2, torch.float32).to(dev)
         t0 = time.perf_counter()
         batch = outer.Batch(idx, m_tr, [w0])
-        loss, _, _ = outer.outer_step(encoder, opt, phi1, [phi2], batch, 0.1, obj, world)
+        # outer.outer_step's parts, so that the all-reduce is timed on its own: the communication share of an outer
+        # iteration, waiting for the slowest rank included (the device is synchronised around it)
+        loss, fit = outer.share_hypergradient(encoder, opt, phi1, [phi2], batch, 0.1, obj, world)
+        if world:
+            wait()
+            t1 = time.perf_counter()
+            loss, fit = distributed.all_reduce(world, encoder, loss, fit)
+            wait()
+            comm.append(time.perf_counter() - t1)
+        outer.clipped_step(encoder, opt)
         loss.item()  # waits for the device
         times.append(time.perf_counter() - t0)
     distributed.close(world)

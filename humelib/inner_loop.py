@@ -59,7 +59,7 @@ def shared_ops(X: Tensor, S: int, k: int, kernel: str = "blas") -> SimpleNamespa
 def make_problem(phi1: Tensor, phi2a: Tensor | Rows, W: Tensor, tau: float, idx: Tensor, m_tr: int,
                  layout: str = "auto", kernel: str = "blas", workers: int = 1) -> SimpleNamespace:
     """Labels and inner-problem data for S subsets. idx: (S, m) point indices, the first m_tr of each row train.
-    phi2a: phi2 with its ones column, a tensor or an inputs.Rows (which prepares the rows it is asked for).
+    phi2a: phi2 with its ones column, a tensor or an embeddings.Rows (which prepares the rows it is asked for).
 
     Returns a namespace with Y_rows (labels of the union of rows, for the entropy term), the labels of each subset's
     X_tr and X_te, and the layout's data (shared: ops and masks; subset: take and idx, rows gathered when used).
