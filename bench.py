@@ -13,7 +13,7 @@ after the data is loaded; GPU: torch.cuda.max_memory_allocated). The machine's s
 matmul, same run) gives each scale's "fraction of peak": the minimal 4 GEMMs of m_tr x d2 x k per inner step and
 subset (2 forward, 2 backward) divided by the time taken, as a share of that rate. Likewise "GB/s X": the bytes of
 X_tr those 4 passes read (2 for first_order; bf16 reads a 2-byte copy), per second, beside the machine's streaming
-bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at the paper's scale) nearly fits in the
+bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at the paper's scale) may fit in a large
 L3 cache, so the subset layout may read it faster than memory streams. "MiB/step": growth of peak memory per inner
 step between the step counts given (--adaptation_steps 100,300), else peak / T. Method "bf16" is the adjoint with
 --bf16; its row also gives the relative error of its hypergradient against float32 on the same subsets.

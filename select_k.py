@@ -2,7 +2,7 @@
 generalisation scores.
 
     python select_k.py --k_range 5..15 --seeds 0 1 -- --outer_lr 0.02 --num_subsets 3 --adaptation_steps 50 \
-        --num_iters 60                     # bundled demo, ~7 min on one CPU core; flags after -- go to hume.py
+        --num_iters 60                     # bundled demo; flags after -- go to hume.py
     python select_k.py --k_range 2..7 --phi1_path P1.npy --phi2_path P2.npy --out tasks/select_k_mine/ --json k.json
 
 Every flag this script does not know is passed to hume.py unchanged (paths, budgets, --device...); --k, --seed,
