@@ -28,10 +28,10 @@ from tqdm import tqdm
 from humelib.arrays import DEMO, check_rows, l2_normalize, load_array, load_labels
 from humelib.fileio import atomic_write, check_output_file, json_save
 from humelib.flags import int_in, make_parser
-from humelib.metrics import cluster_acc, ensemble
+from humelib.metrics import cluster_acc
 from humelib.runtime import HumeError, log, run_cli, warn
 from humelib.selection import allocate, pick
-from humelib.task_encoder import find_tasks, task_predictions
+from humelib.task_encoder import find_tasks, task_ensemble
 
 
 def build_parser():
@@ -62,8 +62,7 @@ def build_parser():
 def ensemble_clusters(phi1, tasks_path, phis=None):
     """evaluate.py's ensemble labeling of phi1 (TURTLE tasks: of phis): tasks aligned (Hungarian) to the best-CV
     task, majority vote."""
-    preds, cv, _ = task_predictions(phi1, find_tasks(tasks_path), phis)
-    return ensemble(preds, cv)[1]
+    return task_ensemble(phi1, find_tasks(tasks_path), phis)[3]
 
 
 def spread(clusters, budget):

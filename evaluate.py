@@ -17,9 +17,9 @@ from humelib import inner_lr
 from humelib.arrays import DEMO, check_rows, load_array, load_labels
 from humelib.fileio import check_output_file, json_save, load_results
 from humelib.flags import make_parser
-from humelib.metrics import all_metrics, ensemble
+from humelib.metrics import all_metrics
 from humelib.runtime import log, run_cli
-from humelib.task_encoder import find_tasks, task_predictions
+from humelib.task_encoder import find_tasks, task_ensemble
 
 
 def build_parser():
@@ -45,8 +45,7 @@ def untrained_inner(res_path):
 
 def evaluate(phi1, tasks, y_true=None, phis=None):
     """Per-task predictions, CV scores and (with labels) metrics, plus the ensemble. Returns a JSON-ready dict."""
-    preds, cv, _ = task_predictions(phi1, tasks, phis)
-    best, vote = ensemble(preds, cv)
+    preds, cv, best, vote, _ = task_ensemble(phi1, tasks, phis)
     out = {"best_cv_seed": best,
            "tasks": {s: {"CV_Score": cv[s], "untrained_inner": untrained_inner(tasks[s][1])} for s in tasks},
            "ensemble_cluster_sizes": np.bincount(np.unique(vote, return_inverse=True)[1]).tolist()}
