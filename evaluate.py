@@ -16,7 +16,7 @@ import numpy as np
 from humelib import inner_lr
 from humelib.arrays import DEMO, check_rows, load_array, load_labels
 from humelib.fileio import check_output_file, json_save, load_results
-from humelib.flags import make_parser
+from humelib.flags import make_parser, report_flags
 from humelib.metrics import all_metrics
 from humelib.runtime import log, run_cli
 from humelib.task_encoder import find_tasks, task_ensemble
@@ -31,8 +31,7 @@ def build_parser():
                    "turtle_task_{seed}.pt files")
     p.add_argument("--gt_labels_path", help="ground-truth labels of those points (scoring only); default: the "
                    "demo's test labels when --phi1_path is not given")
-    p.add_argument("--json", help="also write everything reported to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
+    report_flags(p, "everything reported")
     return p
 
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from humelib import hume_args
 from humelib.embeddings import load_data
 from humelib.fileio import check_output_file, ensure_dir, json_save, load_results
-from humelib.flags import make_parser, seed_int
+from humelib.flags import make_parser, report_flags, seed_int
 from humelib.runtime import HumeError, log, run_cli
 
 HUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hume.py")
@@ -57,8 +57,7 @@ def build_parser():
     p.add_argument("--rule", choices=sorted(RULES), default="gain",
                    help="gain: max mean CV - 1/k; raw: max mean CV; kappa: max (CV - 1/k) / (1 - 1/k)")
     p.add_argument("--out", default="./tasks/select_k/", help="output folder; the tasks of k go to {out}/k{k}/")
-    p.add_argument("--json", help="also write the table and the chosen k to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    report_flags(p, "the table and the chosen k")
     return p
 
 
