@@ -25,7 +25,7 @@ def make_parser(doc):
                   allow_abbrev=False)  # a typo such as --num_iter must not silently become --num_iters
 
 
-def report_flags(p, what):
+def report_flags(p: argparse.ArgumentParser, what: str) -> None:
     """--json and --quiet, alike in every script that prints a report (evaluate, annotate, baselines, select_k);
     `what`: what the JSON file gets."""
     p.add_argument("--json", help=f"also write {what} to this JSON file")
