@@ -1,7 +1,7 @@
 """HUME's outer loss and its exact hypergradient (the math; hume.py is the loop, inner_loop.py the inner problem).
 
 For each subset, the inner classifier w is trained from w0 by T steps of gradient descent on the soft-label
-cross-entropy of the labels Y_tr over X_tr (inner_loop.py),
+cross-entropy of the labels Y = sparsemax(phi1 W^T / tau) (Eq. 3) over X_tr (inner_loop.py),
     w_{t+1} = w_t - lr * X_tr^T (softmax(X_tr w_t^T) - Y_tr) / m_tr,
 and the outer loss is  CE(w_T; X_te, Y_te) - H_reg * H(mean label of the subset)  (Eq. 7).
 
