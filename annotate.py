@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from humelib.arrays import DEMO, check_rows, l2_normalize, load_array, load_labels
 from humelib.fileio import atomic_write, check_output_file, json_save
-from humelib.flags import int_in, make_parser
-from humelib.metrics import cluster_acc, ensemble
-from humelib.run_folder import find_tasks
+from humelib.flags import int_in, make_parser, report_flags
+from humelib.metrics import cluster_acc
 from humelib.runtime import HumeError, log, run_cli, warn
 from humelib.selection import allocate, pick
-from humelib.task_encoder import task_predictions
+from humelib.run_folder import find_tasks
+from humelib.task_encoder import task_ensemble
 
 
 def build_parser():
@@ -53,8 +53,7 @@ def build_parser():
                    "labels when no path is given")
     p.add_argument("--out", help="pick mode: the CSV of picks (default picks.csv); --apply: the .npy of the full "
                    "labeling (default named_labels.npy)")
-    p.add_argument("--json", help="--simulate: also write its table to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    report_flags(p, "--simulate's table")
     return p
 
 
@@ -63,8 +62,7 @@ def build_parser():
 def ensemble_clusters(phi1, tasks_path, phis=None):
     """evaluate.py's ensemble labeling of phi1 (TURTLE tasks: of phis): tasks aligned (Hungarian) to the best-CV
     task, majority vote."""
-    preds, cv, _ = task_predictions(phi1, find_tasks(tasks_path), phis)
-    return ensemble(preds, cv)[1]
+    return task_ensemble(phi1, find_tasks(tasks_path), phis)[3]  # the vote
 
 
 def spread(clusters, budget):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from humelib.arrays import DEMO, load_array, load_labels
 from humelib.fileio import check_output_file, json_save
-from humelib.flags import int_in, make_parser, nonnegative_float, positive_float, seed_int
+from humelib.flags import int_in, make_parser, nonnegative_float, positive_float, report_flags, seed_int
 from humelib.metrics import all_metrics
 from humelib.runtime import HumeError, log, run_cli, warn
 
@@ -58,8 +58,7 @@ def build_parser():
     p.add_argument("--weight_decay", type=nonnegative_float, default=3.0,
                    help="sinkhorn: L2 penalty on the classifier (Adam weight_decay), on standardised features")
     p.add_argument("--batch_size", type=int_in(1), default=256, help="sinkhorn: mini-batch size")
-    p.add_argument("--json", help="also write the result to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    report_flags(p, "the result")
     return p
 
 

@@ -13,7 +13,7 @@ after the data is loaded; GPU: torch.cuda.max_memory_allocated). The machine's s
 matmul, same run) gives each scale's "fraction of peak": the minimal 4 GEMMs of m_tr x d2 x k per inner step and
 subset (2 forward, 2 backward) divided by the time taken, as a share of that rate. Likewise "GB/s X": the bytes of
 X_tr those 4 passes read (2 for first_order; bf16 reads a 2-byte copy), per second, beside the machine's streaming
-bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at the paper's scale) nearly fits in the
+bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at the paper's scale) may fit in a large
 L3 cache, so the subset layout may read it faster than memory streams. "MiB/step": growth of peak memory per inner
 step between the step counts given (--adaptation_steps 100,300), else peak / T. Method "bf16" is the adjoint with
 --bf16; its row also gives the relative error of its hypergradient against float32 on the same subsets.
@@ -65,15 +65,8 @@ def worker(job):
     world, comm = None, []
     if distributed.launched():
         world = distributed.init(job["S"], job["device"])
-        all_reduce = distributed.all_reduce
-
-        def timed_all_reduce(*a):  # the communication share of an outer iteration (incl. waiting for the slowest)
-            t0 = time.perf_counter()
-            out = all_reduce(*a)
-            comm.append(time.perf_counter() - t0)
-            return out
-        distributed.all_reduce = timed_all_reduce
     dev = torch.device(job["device"] if not world or job["device"] == "cpu" else f"cuda:{world.rank}")
+    wait = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     phi1, phi2 = make_data(job["scale"], job["n"])
     n, d1 = phi1.shape
     d2 = phi2.shape[1]
@@ -102,7 +95,16 @@ def worker(job):
         w0 = init_inner(gen, S, k, d2, torch.float32).to(dev)
         t0 = time.perf_counter()
         batch = outer.Batch(idx, m_tr, [w0])
-        loss, _, _ = outer.outer_step(encoder, opt, phi1, [phi2], batch, 0.1, obj, world)
+        # outer.outer_step's parts, so that the all-reduce is timed on its own: the communication share of an outer
+        # iteration, waiting for the slowest rank included (the device is synchronised around it)
+        loss, fit = outer.share_hypergradient(encoder, opt, phi1, [phi2], batch, 0.1, obj, world)
+        if world:
+            wait()
+            t1 = time.perf_counter()
+            loss, fit = distributed.all_reduce(world, encoder, loss, fit)
+            wait()
+            comm.append(time.perf_counter() - t1)
+        outer.clipped_step(encoder, opt)
         loss.item()  # waits for the device
         times.append(time.perf_counter() - t0)
     distributed.close(world)

@@ -16,11 +16,11 @@ import numpy as np
 from humelib import inner_lr
 from humelib.arrays import DEMO, check_rows, load_array, load_labels
 from humelib.fileio import check_output_file, json_save, load_results
-from humelib.flags import make_parser
-from humelib.metrics import all_metrics, ensemble
-from humelib.run_folder import find_tasks
+from humelib.flags import make_parser, report_flags
+from humelib.metrics import all_metrics
 from humelib.runtime import log, run_cli
-from humelib.task_encoder import task_predictions
+from humelib.run_folder import find_tasks
+from humelib.task_encoder import task_ensemble
 
 
 def build_parser():
@@ -32,8 +32,7 @@ def build_parser():
                    "turtle_task_{seed}.pt files")
     p.add_argument("--gt_labels_path", help="ground-truth labels of those points (scoring only); default: the "
                    "demo's test labels when --phi1_path is not given")
-    p.add_argument("--json", help="also write everything reported to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
+    report_flags(p, "everything reported")
     return p
 
 
@@ -46,8 +45,7 @@ def untrained_inner(res_path):
 
 def evaluate(phi1, tasks, y_true=None, phis=None):
     """Per-task predictions, CV scores and (with labels) metrics, plus the ensemble. Returns a JSON-ready dict."""
-    preds, cv, _ = task_predictions(phi1, tasks, phis)
-    best, vote = ensemble(preds, cv)
+    preds, cv, best, vote, _ = task_ensemble(phi1, tasks, phis)
     out = {"best_cv_seed": best,
            "tasks": {s: {"CV_Score": cv[s], "untrained_inner": untrained_inner(tasks[s][1])} for s in tasks},
            "ensemble_cluster_sizes": np.bincount(np.unique(vote, return_inverse=True)[1]).tolist()}

@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from humelib.arrays import l2_normalize, source_problem
 from humelib.backbones import build_backbone
-from humelib.fileio import OutputGroup, check_output_file, ensure_dir, restricted_load
+from humelib.fileio import OutputGroup, check_output_file, ensure_dir
 from humelib.flags import default_device, device, finite_float, int_in, make_parser, positive_float, seed_int
 from humelib.images import CarryErrors, Failed, check_image_files, collate, read_image
 from humelib.runtime import HumeError, log, run_cli
+from humelib.unpickler import restricted_load
 
 SPLITS = {"cifar10": ("train", "test", "traintest"), "cifar100-20": ("train", "test", "traintest"),
           "stl10": ("train", "test", "traintest", "unlabeled"), "imagefolder": None, "fake": None}  # None: any

@@ -33,10 +33,9 @@ from humelib.arrays import (check_rows, check_source_files, find_sources, load_a
 from humelib.fileio import atomic_write, check_output_file, ensure_dir, load_results, read_jsonl
 from humelib.flags import int_in, make_parser
 from humelib.metrics import align_to, all_metrics, cluster_acc, contingency
-from humelib.metrics import ensemble as vote_ensemble
 from humelib.run_folder import find_logs, find_tasks
 from humelib.runtime import HumeError, log, run_cli
-from humelib.task_encoder import task_predictions
+from humelib.task_encoder import task_ensemble
 
 DPI = 100
 FIGSIZE = {"curves": (11, 7), "confusion": (7.5, 6.5), "cv_vs_acc": (7, 5), "cluster_sizes": (8, 4.5)}  # inches
@@ -71,17 +70,15 @@ def read_metrics(folder):
     if not logs:
         raise HumeError(f"--tasks_path {folder}: no metrics_{{seed}}.jsonl files (our hume.py writes them; the "
                         "paper's does not)")
-    runs = {}
+    runs = {seed: [] for seed in logs}
     for seed, path in logs.items():
-        records = []
         for line, rec in read_jsonl(path, required=("iteration", "loss")):  # a partial last line is dropped
             scores = rec.get("metrics", {})
             numbers = [rec["iteration"], rec["loss"]]
             numbers += [scores.get(m) for m in ("acc", "ari", "nmi")] if isinstance(scores, dict) and scores else []
             if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in numbers):
                 raise HumeError(f"{path}:{line}: iteration, loss or metrics are not numbers; delete that line")
-            records.append(rec)
-        runs[seed] = records
+            runs[seed].append(rec)
     return runs
 
 
@@ -119,13 +116,6 @@ def evaluation_data(args, tasks):
     n = len(phi1) if phi1 is not None else len(phis[0])
     y = load_labels(labels_path, "--gt_labels_path", n) if labels_path else None
     return phi1_path, phi1, phis, y
-
-
-def ensemble(phi1, tasks, phis=None):
-    """Each task's predictions, CV scores, the best-CV seed, the ensemble vote and k (evaluate.py's recipe)."""
-    preds, cv, k = task_predictions(phi1, tasks, phis)
-    best, vote = vote_ensemble(preds, cv)
-    return preds, cv, best, vote, k
 
 
 def has_scores(runs):
@@ -174,10 +164,9 @@ def plot_confusion(vote, y, n_tasks, best):
     if len(cols) <= 3 * MAX_ANNOTATED:
         ax.set_xticks(range(len(cols)), [str(c) for c in cols])
         ax.set_yticks(range(len(true_ids)), [str(t) for t in true_ids])
-    m = all_metrics(y, vote)
     ax.set(xlabel="ensemble cluster, named by its matched class (cells: point counts)", ylabel="true class",
            title=f"Ensemble of {n_tasks} task(s) (aligned to best-CV seed {best}) vs ground truth\n" +
-           "  ".join(f"{k.upper()} {v:.3f}" for k, v in m.items()))
+           "  ".join(f"{k.upper()} {v:.3f}" for k, v in all_metrics(y, vote).items()))
     return fig
 
 
@@ -251,7 +240,7 @@ def draw_montage(args, tasks, prefix):
             raise HumeError(f"--montage: no {sources_path(phi1_path)} (extract.py writes it beside the array): give "
                             "the images with --sources FILE, or --texts FILE for data without images")
         check_source_files(sources, "--montage")
-    _, _, _, vote, k = ensemble(phi1, tasks, phis)
+    _, _, _, vote, k = task_ensemble(phi1, tasks, phis)
     rows = montage.groups(vote, phi, args.per_cluster)
     if args.texts:
         log("\n".join(montage.text_rows(rows, texts)))
@@ -291,7 +280,7 @@ def main(argv=None):
     for p in path.values():
         check_output_file(p, "--out")
     _, phi1, phis, y = evaluation_data(args, tasks)
-    preds, cv, best, vote, k = ensemble(phi1, tasks, phis)
+    preds, cv, best, vote, k = task_ensemble(phi1, tasks, phis)
     if y is None:
         log("note: no ground-truth labels: skipped the confusion matrix and CV-vs-ACC figures (give --phi1_path "
             "and --gt_labels_path to draw them)" +

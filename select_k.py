@@ -2,7 +2,7 @@
 generalisation scores.
 
     python select_k.py --k_range 5..15 --seeds 0 1 -- --outer_lr 0.02 --num_subsets 3 --adaptation_steps 50 \
-        --num_iters 60                     # bundled demo, ~7 min on one CPU core; flags after -- go to hume.py
+        --num_iters 60                     # bundled demo; flags after -- go to hume.py
     python select_k.py --k_range 2..7 --phi1_path P1.npy --phi2_path P2.npy --out tasks/select_k_mine/ --json k.json
 
 Every flag this script does not know is passed to hume.py unchanged (paths, budgets, --device...); --k, --seed,
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from humelib import hume_args
 from humelib.embeddings import load_data
 from humelib.fileio import check_output_file, ensure_dir, json_save, load_results
-from humelib.flags import make_parser, seed_int
+from humelib.flags import make_parser, report_flags, seed_int
 from humelib.run_folder import Run
 from humelib.runtime import HumeError, log, run_cli
 
@@ -58,8 +58,7 @@ def build_parser():
     p.add_argument("--rule", choices=sorted(RULES), default="gain",
                    help="gain: max mean CV - 1/k; raw: max mean CV; kappa: max (CV - 1/k) / (1 - 1/k)")
     p.add_argument("--out", default="./tasks/select_k/", help="output folder; the tasks of k go to {out}/k{k}/")
-    p.add_argument("--json", help="also write the table and the chosen k to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    report_flags(p, "the table and the chosen k")
     return p
 
 

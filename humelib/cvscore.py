@@ -8,10 +8,9 @@ regression that predicts the labeling from a representation space. Two definitio
   LogisticRegression(C=1.0, tol=1e-9, max_iter=1000) on folds from np.random.seed(42) and
   np.array_split(np.random.permutation(n), 10).
 
-The means, by measurement (one process, side by side, on a busy 2-core CPU): scikit-learn itself, the folds in
-parallel processes (the paper's n_jobs=-1). A torch float32 objective under scipy's L-BFGS-B (scikit-learn's own
-optimiser and options) gave the same scores (within 0.0001 at 10,000 x 1,536) but took 4x as long at 10,000 x 1,536
-(210 s against 53 s) and on the demo (4.6 s against 1.1 s).
+The means: scikit-learn itself, the folds in parallel processes (the paper's n_jobs=-1). A torch float32 objective
+under scipy's L-BFGS-B (scikit-learn's own optimiser and options) gave the same scores (within 0.0001 at
+10,000 x 1,536) but was slower, timed side by side (bench.py --cv_score times ours beside the paper's).
 
 Rules shared by both: always a number in [0, 1], never NaN. A constant labeling (or fewer than 2 points) scores
 0.0; with fewer points than folds each point is its own fold; a fold whose training part holds a single class (a
@@ -25,8 +24,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-SMALL = 2_000_000  # features (n x d values) scored in this process, one thread, folds one after another: the
-# demo's 360 x 480 took 2.4 s in worker processes (their start-up), 0.3 s here (6 s with 2 threads on a busy CPU)
+SMALL = 2_000_000  # features (n x d values) scored in this process, one thread, folds one after another: below
+# this, starting worker processes costs more than it saves (the demo's 360 x 480 is far below)
 
 
 def cv_score(features: np.ndarray, y_pred: np.ndarray, folds: int = 10, seed: int = 1) -> float:
@@ -61,7 +60,7 @@ def fold_accuracy(features: np.ndarray, y_pred: np.ndarray,
     if len(y_pred) < 2 or len(np.unique(y_pred)) < 2:
         return 0.0  # a constant labeling carries no information: score it as worst
     X = np.asarray(features)
-    if X.size <= SMALL:  # worker processes take a second or two to start: small problems stay here, one thread
+    if X.size <= SMALL:  # worker processes are slow to start: small problems stay here, one thread
         with threadpool_limits(1):  # (threadpoolctl comes with scikit-learn)
             accs = [fold_fit(X, y_pred, tr, te, C, max_iter, tol) for tr, te in splits()]
     else:

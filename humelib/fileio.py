@@ -1,6 +1,6 @@
 """Files: the one writer for outputs (atomic, groups of files committed as one unit, never through a symbolic link
 or over a device), one message for every failed write, JSON reports and JSON-lines logs, output checks made before
-any work, and the restricted unpickler every pickle we read goes through (run_folder: the run folder of a seed).
+any work, and the reader of results pickles (through unpickler.py; run_folder: the run folder of a seed).
 """
 import contextlib
 import io
@@ -9,13 +9,16 @@ import math
 import os
 import pickle
 import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from humelib.runtime import HumeError, first_line
+from humelib.unpickler import restricted_load
 
 
-def write_error(path, e):
+def write_error(path: str, e: OSError) -> HumeError:
     """The one message for a write that failed (disk full, read-only, no permission, a planted symlink)."""
     import errno
     fix = {errno.ENOSPC: "free some space or choose another folder", errno.EDQUOT: "free some space or choose "
@@ -23,7 +26,7 @@ def write_error(path, e):
     return HumeError(f"cannot write {path} ({e.strerror or e}); {fix}")
 
 
-def check_replaceable(path, flag=None):
+def check_replaceable(path: str, flag: str | None = None) -> None:
     """An output is written beside its target and renamed over it, so the target must be absent or a regular file:
     a symbolic link (it would be replaced, and no output is ever written through one) or a device, FIFO or socket
     (e.g. --json /dev/null, which root would turn into a regular file) is refused, never replaced."""
@@ -51,10 +54,10 @@ class OutputGroup:
     order, and a rename that fails puts back every target already renamed (its old file, or none). Readers never
     see a half-written file. As a context manager: commit at the end of the block, discard on an exception."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.staged = []  # (temporary, target)
 
-    def write(self, path, write_fn):
+    def write(self, path: str, write_fn: Callable[[str], Any]) -> Any:
         """write_fn(tmp) writes the file; returns what it returns. A failed write raises "cannot write PATH"."""
         check_replaceable(path)
         try:
@@ -71,16 +74,16 @@ class OutputGroup:
             raise write_error(path, e) from None
         return result
 
-    def write_bytes(self, path, data):
+    def write_bytes(self, path: str, data: bytes) -> None:
         self.write(path, lambda tmp: _write_file(tmp, data))
 
-    def remove(self, path):
+    def remove(self, path: str) -> None:
         """Stage the removal of path (an old file the group's new ones would contradict): moved aside at commit,
         in order with the renames, put back if the group fails."""
         check_replaceable(path)
         self.staged.append((None, path))
 
-    def commit(self):
+    def commit(self) -> None:
         done, path = [], None  # (target, hard link to its old file or None), in the order renamed
         try:
             for tmp, path in self.staged:
@@ -112,7 +115,7 @@ class OutputGroup:
                 _remove_quietly(old)
         self.staged = []
 
-    def discard(self):
+    def discard(self) -> None:
         for tmp, _ in self.staged:
             if tmp:
                 _remove_quietly(tmp)
@@ -148,7 +151,7 @@ def _keep_old(tmp, path):
     return old
 
 
-def atomic_write(path, write_fn):
+def atomic_write(path: str, write_fn: Callable[[str], Any]) -> None:
     """Write via write_fn(tmp_path) to a temporary file in the same folder, then rename over path (a group of one):
     readers never see a half-written file, a crash leaves no partial output behind, and a failed write removes the
     temporary and raises a HumeError "cannot write PATH (reason)"."""
@@ -166,26 +169,26 @@ def _write_file(path, data):
         f.write(data)
 
 
-def write_bytes(path, data):
+def write_bytes(path: str, data: bytes) -> None:
     """data (bytes) to path, atomically."""
     atomic_write(path, lambda tmp: _write_file(tmp, data))
 
 
-def torch_bytes(obj):
+def torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()  # serialise in memory: a full disk then fails as an OSError naming its cause
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def torch_save(obj, path):
+def torch_save(obj: Any, path: str) -> None:
     write_bytes(path, torch_bytes(obj))
 
 
-def pickle_save(obj, path):
+def pickle_save(obj: Any, path: str) -> None:
     write_bytes(path, pickle.dumps(obj))
 
 
-def json_ready(obj):
+def json_ready(obj: Any) -> Any:
     """obj with every non-finite float (NaN, inf) replaced by None, so the JSON written is standard."""
     if isinstance(obj, dict):
         return {k: json_ready(v) for k, v in obj.items()}
@@ -196,12 +199,12 @@ def json_ready(obj):
     return obj
 
 
-def json_save(obj, path):
+def json_save(obj: Any, path: str) -> None:
     """Pretty JSON, written atomically (reports: evaluate.py --json and friends); NaN/inf are written as null."""
     write_bytes(path, json.dumps(json_ready(obj), indent=2, allow_nan=False).encode())
 
 
-def append_jsonl(path, record):
+def append_jsonl(path: str, record: dict) -> None:
     """One JSON object per line (DINO-style metrics log); appended whole, flushed. A failed write (disk full) is
     cut back off, so the log never ends in half a line, and raises "cannot write PATH (reason)"."""
     line = json.dumps(json_ready(record), allow_nan=False) + "\n"
@@ -219,7 +222,7 @@ def append_jsonl(path, record):
         raise write_error(path, e) from None
 
 
-def read_jsonl(path, required=()):
+def read_jsonl(path: str, required: Iterable[str] = ()) -> list[tuple[int, Any]]:
     """[(line number, record)] of a JSON-lines log. A last line cut short (a run killed or a disk filled while
     writing it) is dropped; any other line that is not a JSON object holding the keys `required` is an error
     naming path:line."""
@@ -247,7 +250,7 @@ def read_jsonl(path, required=()):
     return out
 
 
-def ensure_dir(path, flag):
+def ensure_dir(path: str, flag: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise HumeError(f"{flag} {path}: a file of that name exists; it must be a folder (choose another path)")
     try:
@@ -258,7 +261,7 @@ def ensure_dir(path, flag):
         raise HumeError(f"{flag} {path}: the folder is not writable")
 
 
-def check_output_file(path, flag):
+def check_output_file(path: str, flag: str) -> None:
     """Refuse, before any work, an output file that cannot be written: a folder, a symbolic link or a device of
     that name, a parent that is missing (and cannot be created), or a file that is not writable."""
     check_replaceable(path, flag)
@@ -268,32 +271,9 @@ def check_output_file(path, flag):
         raise HumeError(f"{flag} {path}: the file is not writable")
 
 
-# ---------------------------------------------------------------- results pickles
-
-_RESULTS_GLOBALS = {  # what pickles of dicts of builtins, numpy arrays, dtypes and scalars need, nothing more
-    ("builtins", n) for n in ("set", "frozenset", "complex", "bytearray", "slice")} | {
-    ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype")} | {
-    (f"numpy.{core}.{mod}", n) for core in ("core", "_core")
-    for mod, n in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
-
-
-class _ResultsUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _RESULTS_GLOBALS:
-            raise pickle.UnpicklingError(f"refuses to load object {module}.{name}")
-        return super().find_class(module, name)
-
-
-def restricted_load(f, encoding="ASCII"):
-    """Unpickle from an open binary file, building only builtins containers and scalars and numpy arrays, dtypes
-    and scalars: every pickle the project reads goes through this, so a hostile file cannot run code."""
-    return _ResultsUnpickler(f, encoding=encoding).load()
-
-
-def load_results(path):
-    """A results_{seed}.pickle (ours or the paper's) read by a restricted unpickler: only builtins containers and
-    scalars and numpy arrays/dtypes/scalars can be built, so a hostile file cannot run code. Returns the dict,
-    checked to hold a numeric CV_Score."""
+def load_results(path: str) -> dict:
+    """A results_{seed}.pickle (ours or the paper's) read through unpickler.restricted_load, so a hostile file cannot
+    run code. Returns the dict, checked to hold a numeric CV_Score."""
     try:
         with open(path, "rb") as f:
             obj = restricted_load(f)

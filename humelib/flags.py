@@ -35,6 +35,14 @@ def make_parser(doc: str, exit_on_error: bool = True) -> Parser:
                   allow_abbrev=False, exit_on_error=exit_on_error)
 
 
+def report_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--json and --quiet, alike in every script that prints a report (evaluate, annotate, baselines, select_k);
+    `what`: what the JSON file gets."""
+    p.add_argument("--json", help=f"also write {what} to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="print no progress bar, table or message (warnings and "
+                   "errors still go to stderr)")
+
+
 # ---------------------------------------------------------------- flag types
 
 NUMBER = re.compile(r"[+-]?(?:inf|infinity|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)", re.IGNORECASE)

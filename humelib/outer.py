@@ -42,7 +42,7 @@ class Batch(NamedTuple):
 def hypergradient(encoder: nn.Linear, phi1: Rows, phi2s: Sequence[Rows], batch: Batch, tau: float, obj: Objective,
                   total_subsets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outer loss over the batch's subsets, averaged over subsets and phi2 spaces; its gradient is accumulated into
-    the encoder's .grad. phi1, phi2s: inputs.Rows (phi2 with its ones column). The orthogonal parametrisation is
+    the encoder's .grad. phi1, phi2s: embeddings.Rows (phi2 with its ones column). The orthogonal parametrisation is
     evaluated and back-propagated once, however many subsets. total_subsets: the S the mean is over (the batch may
     be a share of it). Returns the loss and the inner fit (S, 3)."""
     W = encoder.weight
@@ -67,20 +67,34 @@ def hypergradient(encoder: nn.Linear, phi1: Rows, phi2s: Sequence[Rows], batch: 
     return total, torch.cat(fits)
 
 
+def share_hypergradient(encoder: nn.Linear, opt: torch.optim.Optimizer, phi1: Rows, phi2s: Sequence[Rows],
+                        batch: Batch, tau: float, obj: Objective,
+                        world: SimpleNamespace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local part of an outer iteration: .grad cleared, then the hypergradient of this rank's share of the
+    subsets (all of them without torchrun), averaged over all S, accumulated into it. Returns its loss and fit."""
+    opt.zero_grad(set_to_none=True)
+    S = batch.idx.shape[0]
+    mine = distributed.share(world, S) if world else slice(None)
+    share = Batch(batch.idx[mine], batch.m_tr, [w[mine] for w in batch.w0s])
+    return hypergradient(encoder, phi1, phi2s, share, tau, obj, S)
+
+
+def clipped_step(encoder: nn.Linear, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """The gradient clipped to norm 1.0 and one Adam step (none when the norm is not finite). Returns the norm
+    before clipping."""
+    gnorm = nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    if torch.isfinite(gnorm):
+        opt.step()
+    return gnorm
+
+
 def outer_step(encoder: nn.Linear, opt: torch.optim.Optimizer, phi1: Rows, phi2s: Sequence[Rows], batch: Batch,
                tau: float, obj: Objective, world: SimpleNamespace | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One outer iteration: hypergradient averaged over subsets, clipped to norm 1.0, one Adam step.
     Under torchrun each rank does its share of the subsets and one all-reduce sums the gradients.
     Returns the loss, the inner fit and the gradient norm before clipping (tensors: no host sync here)."""
-    opt.zero_grad(set_to_none=True)
-    S = batch.idx.shape[0]
-    mine = distributed.share(world, S) if world else slice(None)
-    share = Batch(batch.idx[mine], batch.m_tr, [w[mine] for w in batch.w0s])
-    loss, fit = hypergradient(encoder, phi1, phi2s, share, tau, obj, S)
+    loss, fit = share_hypergradient(encoder, opt, phi1, phi2s, batch, tau, obj, world)
     if world:
         loss, fit = distributed.all_reduce(world, encoder, loss, fit)
-    gnorm = nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-    if torch.isfinite(gnorm):
-        opt.step()
-    return loss, fit, gnorm
+    return loss, fit, clipped_step(encoder, opt)

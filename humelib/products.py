@@ -25,13 +25,13 @@ from typing import NamedTuple, TypeVar
 import torch
 
 BACKENDS = ("onednn", "onednn_raw", "blas", "blas_t")
-PLAN_SECONDS = 0.06  # timing budget per candidate and layout: a whole plan takes one to a few seconds
+PLAN_SECONDS = 0.06  # timing budget per candidate and layout (a plan times every candidate in every layout)
 T = TypeVar("T")
 
 
 def softmax(Z: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over `dim` (no autograd through it here). Exponents are clamped at -87: below that a float32 exp is
-    subnormal or 0 and torch's CPU exp takes a several times slower path; the probabilities this changes are below
+    subnormal or 0 and torch's CPU exp takes a slow path; the probabilities this changes are below
     2e-38, against float32's resolution of 1e-7 at 1. Over a last dimension that is a multiple of 16 torch's fused
     kernel is used (its vector width); elsewhere this exp/sum form, which torch's CPU kernel is slower than on
     short rows."""
@@ -130,7 +130,7 @@ def _timings(names, make, budget):
     so that load elsewhere on the machine hits them alike and a candidate that only runs well on an idle machine
     (products split over threads that wait for each other) is seen as it will run; about `budget` seconds each, at
     least 3 rounds. A candidate whose first step is 5x slower than the best first step is not timed further (a
-    kernel without hardware support can be 100x slower; no need to watch it)."""
+    kernel without hardware support, emulated, is far behind; no need to watch it)."""
     steps, first = {}, {}
     for kn in names:
         steps[kn] = make(kn)
@@ -178,7 +178,7 @@ def _together(steps, reps):
 
 
 class Plan(NamedTuple):
-    """How the inner loops run: the subsets' layout (hypergrad.py), the products' kernel, how many subsets run at
+    """How the inner loops run: the subsets' layout (inner_loop.py), the products' kernel, how many subsets run at
     once, and what was measured (milliseconds per inner step of every candidate that ran, by layout, and why the
     others could not run). A pinned kernel is not timed: layout "auto" (hypergrad's size rule), one subset at a time."""
     layout: str

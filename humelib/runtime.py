@@ -127,7 +127,7 @@ def seed_everything(seed: int) -> None:
 def release_freed_memory() -> bool:
     """Hand the heap the training loop freed back to the OS (glibc's malloc_trim; elsewhere nothing). glibc keeps
     freed blocks for reuse, so a run's peak is otherwise at its end, where the CV score and interpreter shutdown page
-    in ~120 MiB on top of them (the demo: peak 946 -> 901 MiB, no measurable time). Returns whether it ran."""
+    memory in on top of them. Returns whether it ran."""
     import ctypes
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from humelib.fileio import load_results
+from humelib.metrics import ensemble
 from humelib.runtime import HumeError
 from humelib.sparsemax import sparsemax
 
@@ -208,3 +209,13 @@ def task_predictions(phi1: np.ndarray | None, tasks: dict, phis: list[np.ndarray
     check_one_kind(tasks, ks, "k", "k")
     cv = {s: load_results(res_path)["CV_Score"] for s, (_, res_path) in tasks.items()}  # a hostile pickle runs nothing
     return preds, cv, max(ks.values())
+
+
+def task_ensemble(phi1: np.ndarray | None, tasks: dict, phis: list[np.ndarray] | None = None
+                  ) -> tuple[dict, dict, int, np.ndarray, int]:
+    """The paper's ensemble of a folder's tasks (evaluate.py's headline): task_predictions, then every task aligned to
+    the best-CV task and a per-point majority vote (metrics.ensemble). Returns preds, cv, the best-CV seed, the vote
+    and k."""
+    preds, cv, k = task_predictions(phi1, tasks, phis)
+    best, vote = ensemble(preds, cv)
+    return preds, cv, best, vote, k

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from humelib import hypergrad, outer, task_encoder
+from humelib import hypergrad, inner_loop, outer, task_encoder
 from humelib.embeddings import Rows
 
 
@@ -42,8 +42,8 @@ def loss_at(encoder, theta, phi1, phi2a, idx, m_tr, w0, tau, args):
 
 
 def use_layout(monkeypatch, layout):
-    """Make layout="auto" pick this layout whatever the sizes (the threshold is hypergrad.SHARED_RATIO)."""
-    monkeypatch.setattr(hypergrad, "SHARED_RATIO", float("inf") if layout == "shared" else 0.0)
+    """Make layout="auto" pick this layout whatever the sizes (the threshold is inner_loop.SHARED_RATIO)."""
+    monkeypatch.setattr(inner_loop, "SHARED_RATIO", float("inf") if layout == "shared" else 0.0)
 
 
 @pytest.mark.parametrize("layout", ["shared", "subset"])

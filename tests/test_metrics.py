@@ -65,6 +65,13 @@ def random_labels(rng, n, ids):
     return np.asarray(ids)[rng.integers(0, len(ids), n)]
 
 
+def random_pairs(seed, count, n, classes, clusters):
+    """count pairs of random labelings of n points (one over the class ids, one over the cluster ids), drawn in
+    turn from one generator seeded with seed."""
+    rng = np.random.default_rng(seed)
+    return [(random_labels(rng, n, classes), random_labels(rng, n, clusters)) for _ in range(count)]
+
+
 CASES = [  # (n, class ids, cluster ids)
     (30, [0, 1, 2], [0, 1, 2]),                  # equal numbers
     (40, [0, 1, 2, 3], [0, 1, 2, 3]),
@@ -81,8 +88,7 @@ CASES = [  # (n, class ids, cluster ids)
 
 @pytest.mark.parametrize("n,classes,clusters", CASES)
 def test_contingency_counts_each_pair_like_a_loop_over_points(n, classes, clusters):
-    rng = np.random.default_rng(n + len(classes))
-    y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+    [(y_true, y_pred)] = random_pairs(n + len(classes), 1, n, classes, clusters)
     C, pred_ids, true_ids = metrics.contingency(y_pred, y_true)
     assert pred_ids.tolist() == sorted(set(y_pred.tolist()))
     assert true_ids.tolist() == sorted(set(y_true.tolist()))
@@ -94,9 +100,7 @@ def test_contingency_counts_each_pair_like_a_loop_over_points(n, classes, cluste
 
 @pytest.mark.parametrize("n,classes,clusters", CASES)
 def test_cluster_acc_equals_brute_force_over_all_matchings(n, classes, clusters):
-    rng = np.random.default_rng(len(clusters) * 100 + n)
-    for _ in range(20):
-        y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+    for y_true, y_pred in random_pairs(len(clusters) * 100 + n, 20, n, classes, clusters):
         assert metrics.cluster_acc(y_true, y_pred) == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
 
 
@@ -112,9 +116,7 @@ def test_cluster_acc_counts_extra_clusters_as_wrong_and_is_one_for_a_relabeling(
 
 @pytest.mark.parametrize("n,classes,clusters", CASES)
 def test_all_metrics_ari_and_nmi_equal_sklearn_and_their_definitions(n, classes, clusters):
-    rng = np.random.default_rng(7 * n + len(clusters))
-    for _ in range(5):
-        y_true, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+    for y_true, y_pred in random_pairs(7 * n + len(clusters), 5, n, classes, clusters):
         m = metrics.all_metrics(y_true, y_pred)
         assert set(m) == {"acc", "ari", "nmi"}
         assert m["acc"] == pytest.approx(brute_force_acc(y_true, y_pred), abs=1e-12)
@@ -141,9 +143,7 @@ def test_align_to_maps_a_permuted_copy_back_exactly(ids):
 
 @pytest.mark.parametrize("n,classes,clusters", CASES)
 def test_align_to_is_a_bijective_relabeling_with_the_best_agreement(n, classes, clusters):
-    rng = np.random.default_rng(3 * n + len(classes))
-    for _ in range(10):
-        y_ref, y_pred = random_labels(rng, n, classes), random_labels(rng, n, clusters)
+    for y_ref, y_pred in random_pairs(3 * n + len(classes), 10, n, classes, clusters):
         aligned = metrics.align_to(y_pred, y_ref)
         # a relabeling: same partition, one new label per old cluster
         pairs = set(zip(y_pred.tolist(), aligned.tolist()))
