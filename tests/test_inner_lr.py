@@ -11,7 +11,7 @@ from helpers import KERNEL, cli
 from humelib.arrays import DEMO
 from humelib.fileio import load_results
 
-# a short run on the demo (smaller inner budget than its README settings): ~10 s on a 2-core CPU
+# a short run on the demo (smaller inner budget than its README settings)
 SHORT = ["--outer_lr", "0.02", "--num_subsets", "2", "--adaptation_steps", "30", "--num_iters", "80",
          "--device", "cpu", "--seed", "0", "--eval_every", "1000"] + KERNEL
 
