@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
+from threadpoolctl import threadpool_limits
 
 from humelib import cvscore
 from humelib.arrays import DEMO
@@ -14,9 +15,10 @@ from humelib.arrays import DEMO
 
 def sklearn_cv(X, y, folds, C, max_iter, tol):
     """Mean held-out accuracy of LogisticRegression(C, max_iter, tol) over folds [(train, test)]; a training part
-    with one class predicts it."""
+    with one class predicts it. One BLAS thread (the same fits up to rounding): on a busy 2-core machine two threads
+    make these small ones many times slower."""
     accs = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
         for tr, te in folds:
             if len(np.unique(y[tr])) < 2:

@@ -1,4 +1,5 @@
-"""One HUME run over 2 CPU processes (torchrun, gloo, localhost) equals a single-process run."""
+"""One HUME run over 2 CPU processes (torchrun, gloo, localhost) equals a single-process run. The single-process
+runs (the reference, the refused world setups: refused before any process group) run hume.py's main in process."""
 import os
 import socket
 import subprocess
@@ -7,22 +8,17 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, write_problem
+import hume
+from helpers import KERNEL, REPO, cli, write_problem
 
-# --kernel pinned: bit-identical reruns need one kernel (the planner times the candidates afresh in each run)
 BUDGET = ["--k", "4", "--num_subsets", "3", "--adaptation_steps", "8", "--subset_size", "120", "--outer_lr", "0.01",
-          "--inner_lr", "auto", "--device", "cpu", "--seed", "1", "--eval_every", "2", "--quiet", "--kernel", "blas"]
+          "--inner_lr", "auto", "--device", "cpu", "--seed", "1", "--eval_every", "2", "--quiet"] + KERNEL
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
-
-
-def single(args, env=None):
-    return subprocess.run([sys.executable, "hume.py"] + args, capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, **(env or {})))
 
 
 def torchrun(args, nproc=2, env=None):
@@ -54,7 +50,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_give_the_single_process_task_odd_subsets(two_process_run, tmp_path):
     common, two = two_process_run
     one = str(tmp_path / "one")
-    assert single(common + ["--num_iters", "6", "--exp_path", one]).returncode == 0
+    assert cli(hume.main, common + ["--num_iters", "6", "--exp_path", one])[0] == 0
     a, b = task(one), task(two)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # only rank 0 writes: the same files, and each metrics line once
@@ -75,13 +71,19 @@ def test_resumed_two_process_run_equals_uninterrupted(two_process_run, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_world_setups_exit_2_with_one_line(tmp_path):
+def test_bad_world_setups_exit_2_with_one_line(tmp_path, monkeypatch):
     common = problem_args(tmp_path) + ["--num_iters", "2", "--exp_path", str(tmp_path / "out")]
-    no_master = single(common, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
-    more_ranks = single(common, env={"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                                     "MASTER_PORT": free_port()})
-    for out, words in ((no_master, "MASTER_ADDR"), (more_ranks, "--num_subsets")):
-        assert out.returncode == 2
-        assert out.stderr.startswith("error:") and out.stderr.count("\n") == 1 and words in out.stderr
-        assert "Traceback" not in out.stderr + out.stdout
+    no_master = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    more_ranks = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": free_port()}
+    for env, words in ((no_master, "MASTER_ADDR"), (more_ranks, "--num_subsets")):
+        with monkeypatch.context() as m:  # the environment torchrun would give this process
+            for var in ("MASTER_ADDR", "MASTER_PORT"):
+                m.delenv(var, raising=False)
+            for var, value in env.items():
+                m.setenv(var, value)
+            code, out, err = cli(hume.main, common)
+        assert code == 2
+        assert err.startswith("error:") and err.count("\n") == 1 and words in err
+        assert "Traceback" not in err + out
     assert not os.path.exists(tmp_path / "out")

@@ -7,13 +7,13 @@ import pytest
 import evaluate
 import hume as hume_script
 from humelib import inner_lr
-from helpers import cli
+from helpers import KERNEL, cli
 from humelib.arrays import DEMO
 from humelib.fileio import load_results
 
-# a short run on the demo (smaller inner budget than its README settings): ~10 s on a 2-core CPU
+# a short run on the demo (smaller inner budget than its README settings)
 SHORT = ["--outer_lr", "0.02", "--num_subsets", "2", "--adaptation_steps", "30", "--num_iters", "80",
-         "--device", "cpu", "--seed", "0", "--eval_every", "1000"]
+         "--device", "cpu", "--seed", "0", "--eval_every", "1000"] + KERNEL
 
 
 @pytest.mark.parametrize("n,d", [(500, 20), (3000, 700)])  # exact eigen-solver, then Lanczos on the data
@@ -50,7 +50,7 @@ def results(folder, seed=0):
 def test_unit_norm_phi2_warns_with_the_default_step_and_auto_fixes_it(tmp_path):
     inputs = demo_inputs(str(tmp_path))
     default = hume(inputs + ["--num_iters", "2", "--num_subsets", "2", "--adaptation_steps", "300", "--quiet",
-                             "--device", "cpu", "--exp_path", str(tmp_path / "default")])
+                             "--device", "cpu", "--exp_path", str(tmp_path / "default")] + KERNEL)
     code, out, err = default
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]

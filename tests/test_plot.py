@@ -13,11 +13,11 @@ import pytest
 
 import hume
 import plot
-from helpers import write_problem
+from helpers import KERNEL, write_problem
 from humelib.runtime import HumeError, run_cli
 
 TINY = ["--k", "4", "--num_iters", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "200",
-        "--eval_every", "2", "--device", "cpu", "--quiet"]
+        "--eval_every", "2", "--device", "cpu", "--quiet"] + KERNEL
 
 
 @pytest.fixture(scope="module")

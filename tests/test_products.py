@@ -131,8 +131,8 @@ def isa_limited_run(tmp_path, *flags):
     bfloat16 path then refuses to run, as on a CPU without AVX-512, whatever this machine has."""
     env = dict(child_env(), ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     out = tmp_path / "run"
-    p = subprocess.run(command("hume.py", FAST + ["--exp_path", out, "--eval_every", "1", *flags]), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    argv = FAST + ["--kernel", "auto", "--exp_path", out, "--eval_every", "1", *flags]  # the plan: what is checked
+    p = subprocess.run(command("hume.py", argv), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     return p, out
 
 

@@ -7,11 +7,10 @@ import torch
 
 from humelib import checkpoint
 import hume
-from helpers import cli, write_problem
+from helpers import KERNEL, cli, write_problem
 
-# --kernel pinned: bit-identical reruns need one kernel (the planner times the candidates afresh in each run)
 BUDGET = ["--k", "4", "--num_subsets", "3", "--adaptation_steps", "10", "--subset_size", "120", "--outer_lr", "0.01",
-          "--inner_lr", "auto", "--device", "cpu", "--quiet", "--seed", "3", "--kernel", "blas"]
+          "--inner_lr", "auto", "--device", "cpu", "--quiet", "--seed", "3"] + KERNEL
 
 
 class Crash(BaseException):
@@ -98,8 +97,8 @@ def test_the_log_ends_with_the_score_and_the_plan_begins_it(tmp_path):
     from humelib.fileio import load_results
     p = write_problem(str(tmp_path / "data"), n=200)
     out = str(tmp_path / "run")
-    auto = [a for a in BUDGET if a not in ("--kernel", "blas")]  # the planner times its candidates: logged
-    assert cli(hume.main, paths(p) + auto + ["--num_iters", "4", "--eval_every", "2", "--exp_path", out])[0] == 0
+    argv = paths(p) + BUDGET + ["--kernel", "auto", "--num_iters", "4", "--eval_every", "2", "--exp_path", out]
+    assert cli(hume.main, argv)[0] == 0
     records = [json.loads(ln) for ln in open(os.path.join(out, "metrics_3.jsonl"))]
     assert [r["iteration"] for r in records] == [2, 4]
     plan = records[0]["plan"]["spaces"][0]

@@ -12,11 +12,11 @@ import pytest
 
 import hume
 import select_k
-from helpers import cli, describe, refused, run_script, save_npy
+from helpers import KERNEL, cli, describe, refused, run_script, save_npy
 from humelib.runtime import HumeError
 
 TINY = ["--num_iters", "30", "--num_subsets", "2", "--adaptation_steps", "20", "--outer_lr", "0.05",
-        "--inner_lr", "auto", "--device", "cpu"]
+        "--inner_lr", "auto", "--device", "cpu"] + KERNEL
 
 
 def test_k_range_reads_ranges_and_single_values():

@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
-from helpers import REPO, child_env, write_problem
+from helpers import KERNEL, REPO, child_env, write_problem
 
 SWEEP = os.path.join(REPO, "sweep.sh")
 SBATCH = os.path.join(REPO, "slurm", "hume_array.sbatch")
 TINY = ["--k", "4", "--num_iters", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "200",
-        "--eval_every", "2", "--device", "cpu", "--quiet"]
+        "--eval_every", "2", "--device", "cpu", "--quiet"] + KERNEL
 
 
 def bash(script, args, cwd, env=None, timeout=300):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import hume
-from helpers import cli, refused, save_npy, write_problem
+from helpers import KERNEL, cli, refused, save_npy, write_problem
 
 BUDGET = ["--k", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "100", "--device", "cpu",
-          "--quiet", "--seed", "0", "--num_iters", "4", "--ckpt_every", "2"]
+          "--quiet", "--seed", "0", "--num_iters", "4", "--ckpt_every", "2"] + KERNEL
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import torch
 
 import hume
 from humelib import outer, run_folder
-from helpers import FAST, REPO, child_env, cli, refused, temp_files, write_problem
+from helpers import FAST, KERNEL, REPO, child_env, cli, refused, temp_files, write_problem
 from test_sweep import SWEEP, bash, stand_ins
 
-# --kernel pinned: bit-identical reruns need one kernel (the planner times the candidates afresh in each run)
 BUDGET = ["--k", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "100", "--outer_lr", "0.01",
           "--inner_lr", "auto", "--device", "cpu", "--quiet", "--seed", "0", "--num_iters", "150",
-          "--ckpt_every", "25", "--eval_every", "5", "--kernel", "blas"]
+          "--ckpt_every", "25", "--eval_every", "5"] + KERNEL
 
 
 def flags(P, folder):
