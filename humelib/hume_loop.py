@@ -1,9 +1,9 @@
 """HUME's outer loop and the end of a run, with or without a run folder: hume.py runs it with one (its log,
 checkpoints, resume), humelib.api without (arrays in, a task encoder out, no files).
 
-    set_up(cfg)                      device-wide switches (TF32) and the seeds, before anything is drawn
-    search = prepare(cfg, data, steps)   the inputs on the device and the inner loops' kernels, timed here
-    encoder, state = train(cfg, search, steps, run)      the outer iterations (Eq. 7)
+    with set_up(cfg):                                    TF32 as asked and the seeds, restored after the block
+        search = prepare(cfg, data, steps)               the inputs on the device, the inner kernels timed here
+        encoder, state = train(cfg, search, steps, run)  the outer iterations (Eq. 7)
     results = score(cfg, data, steps, encoder, state)    the labeling of the evaluation points and its CV score
 """
 from __future__ import annotations
