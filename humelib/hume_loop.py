@@ -1,7 +1,7 @@
 """HUME's outer loop and the end of a run, with or without a run folder: hume.py runs it with one (its log,
 checkpoints, resume), humelib.api without (arrays in, a task encoder out, no files).
 
-    with set_up(cfg):                                    TF32 as asked and the seeds, restored after the block
+    with set_up(cfg):                                    the seeds, and TF32 as asked (restored after)
         search = prepare(cfg, data, steps)               the inputs on the device, the inner kernels timed here
         encoder, state = train(cfg, search, steps, run)  the outer iterations (Eq. 7)
     results = score(cfg, data, steps, encoder, state)    the labeling of the evaluation points and its CV score
