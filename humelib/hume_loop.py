@@ -115,9 +115,30 @@ def start(cfg: Settings, search: Search, run: Run | None = None, writer: bool = 
         st.start, st.extra = resumed
         st.extra.setdefault("w0_fixed", None)
         log(f"resumed from {run.checkpoint} at iteration {st.start}", cfg.quiet)
+        keep_plans(cfg, search, st.extra.get("plans"))
+    st.extra["plans"] = [[p.layout, p.kernel, p.workers] for p in search.plans]  # for a resume
     if run and writer:
         run.begin_log(st.start if resumed else None)
     return st
+
+
+def keep_plans(cfg: Settings, search: Search, saved: object) -> None:
+    """On --resume with --kernel auto: the layout and kernel the run started with, not this start's timing (where
+    two candidates are close it can go either way, and another kernel rounds differently: the same choice continues
+    the run bit for bit), as long as they run here; on another machine, or from an older checkpoint, the new plan."""
+    layouts, kernels = ("subset", "shared", "auto"), products.kernels()
+    if cfg.kernel != "auto" or not isinstance(saved, list) or len(saved) != len(search.plans) or not all(
+            isinstance(c, list) and len(c) == 3 and c[0] in layouts and c[1] in kernels and type(c[2]) is int
+            and 1 <= c[2] <= max(1, cfg.num_subsets) and c[1].endswith("bf16") == cfg.bf16 for c in saved):
+        return
+    if any(products.probe(kernel, cfg.device) for _, kernel, _ in saved):
+        return
+    plans = [products.Plan(layout, kernel, p.timings, p.unavailable, workers)
+             for (layout, kernel, workers), p in zip(saved, search.plans)]
+    if plans != search.plans:
+        log("inner products: as the run started, " + "; ".join(f"{p.kernel} kernel, {p.layout} layout, {p.workers} "
+                                                               "at a time" for p in plans), cfg.quiet)
+    search.plans, search.obj = plans, search.obj._replace(plans=tuple(plans))
 
 
 def shapes(search: Search) -> dict:

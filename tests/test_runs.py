@@ -107,3 +107,44 @@ def test_the_log_ends_with_the_score_and_the_plan_begins_it(tmp_path):
     results = load_results(os.path.join(out, "results_3.pickle"))
     assert records[-1]["cv_score"] == results["CV_Score"] and records[-1]["cv_seconds"] == results["cv_seconds"] >= 0
     assert "cv_score" not in records[0]
+
+
+def test_resume_keeps_the_plan_the_run_started_with(tmp_path, monkeypatch):
+    """--kernel auto: the resumed run continues with the checkpoint's layout and kernel, even when this start's
+    timing would pick another (a close race), so the rest of the run rounds as it would have."""
+    import json
+    from humelib import products
+    p = write_problem(str(tmp_path / "data"), n=200)
+    auto = [a for a in BUDGET if a not in ("--kernel", "blas")]
+    out = str(tmp_path / "run")
+    common = paths(p) + auto + ["--num_iters", "4", "--ckpt_every", "2", "--eval_every", "1", "--exp_path", out]
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Crash):
+        hume.main(common)
+    first = [json.loads(ln) for ln in open(os.path.join(out, "metrics_3.jsonl"))][0]["plan"]["spaces"][0]
+    other = "blas_t" if first["kernel"] != "blas_t" else "blas"
+    monkeypatch.setattr(products, "plan", lambda *a, **kw: products.Plan("subset", other, {}, {}, 1))
+    assert cli(hume.main, common + ["--resume"])[0] == 0
+    records = [json.loads(ln) for ln in open(os.path.join(out, "metrics_3.jsonl"))]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    resumed = records[2]["plan"]["spaces"][0]  # the first record the resumed process wrote
+    assert (resumed["layout"], resumed["kernel"], resumed["subsets_at_once"]) == \
+        (first["layout"], first["kernel"], first["subsets_at_once"])
+
+
+@pytest.mark.parametrize("saved", [[["subset", "no-such-kernel", 1]], [["subset", "blas", 0]], "blas", [["subset"]],
+                                   [["subset", "blas-bf16", 1]]])
+def test_resume_takes_a_new_plan_when_the_saved_one_is_not_usable(tmp_path, monkeypatch, saved):
+    """A checkpoint whose plan names no kernel, an impossible layout or the other precision: this start's plan."""
+    p = write_problem(str(tmp_path / "data"), n=200)
+    auto = [a for a in BUDGET if a not in ("--kernel", "blas")]
+    out = str(tmp_path / "run")
+    common = paths(p) + auto + ["--num_iters", "3", "--ckpt_every", "2", "--exp_path", out]
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Crash):
+        hume.main(common)
+    path = os.path.join(out, "checkpoint_3.pt")
+    state = torch.load(path, weights_only=True)
+    state["extra"]["plans"] = saved
+    torch.save(state, path)
+    assert cli(hume.main, common + ["--resume"])[0] == 0
