@@ -38,8 +38,7 @@ class Run:
         task, ckpt = OWN[method]
         self.task = self.path(task.format(seed))
         self.checkpoint = self.path(ckpt.format(seed))
-        self.results = self.path(f"results_{seed}.pickle")
-        self.log = self.path(f"metrics_{seed}.jsonl")
+        self.results, self.log = (self.path(name.format(seed)) for name in SHARED)
         self.owner_file = self.path(f"owner_{seed}.txt")
         self.lock_file = self.path(f"hume_{seed}.lock")  # one name for both methods: one run of a seed at a time
         self._fresh_log = False
@@ -60,10 +59,37 @@ class Run:
         method's."""
         for path in self.outputs():
             check_output_file(path, self.flag)
-        found = owner(self.folder, self.seed)
+        found = self.owner()
         if found not in (None, self.method):
             raise HumeError(f"{self.flag} {self.folder}: seed {self.seed} belongs to {SCRIPT[found]}, and "
                             f"{SCRIPT[self.method]} would overwrite its results; use another --seed or --exp_path")
+
+    def owner(self) -> str | None:
+        """The method that owns the seed in the folder ("hume", "turtle"), or None when no run of it has started
+        there. Files of both methods, or results of no known method, are refused."""
+        folder, seed, marker = self.folder, self.seed, self.owner_file
+        if os.path.lexists(marker):
+            try:
+                with open(marker, "rb") as f:
+                    method = f.read(64).decode("ascii", "replace").strip()
+            except OSError as e:
+                raise HumeError(f"{marker}: cannot be read ({e.strerror}); remove it if no run of seed {seed} is "
+                                "there")
+            if method not in OWN:
+                raise HumeError(f"{marker}: names no method (expected hume or turtle); remove it if it is not a run's")
+            return method
+        found = {m for m, names in OWN.items() for name in names if os.path.lexists(self.path(name.format(seed)))}
+        if len(found) > 1:
+            raise HumeError(f"{folder}: seed {seed} holds files of both hume.py and run_turtle.py, which share "
+                            f"results_{seed}.pickle; keep each method in its own folder")
+        if found:
+            return found.pop()
+        shared = [name.format(seed) for name in SHARED if os.path.lexists(self.path(name.format(seed)))]
+        if shared:
+            raise HumeError(f"{folder}: seed {seed} holds {' and '.join(shared)} of no known method (no task, "
+                            f"checkpoint or {os.path.basename(marker)}); move them or use another --seed or "
+                            "--exp_path")
+        return None
 
     def claim(self) -> None:
         """check() again under the lock (a run may have started since), then owner_{seed}.txt records the method."""
@@ -123,33 +149,6 @@ class Run:
                 group.write_bytes(self.log, scored)
 
 
-def owner(folder: str, seed: int) -> str | None:
-    """The method that owns seed in folder ("hume", "turtle"), or None when no run of it has started there. Files
-    of both methods, or results of no known method, are refused."""
-    marker = os.path.join(folder, f"owner_{seed}.txt")
-    if os.path.lexists(marker):
-        try:
-            with open(marker, "rb") as f:
-                method = f.read(64).decode("ascii", "replace").strip()
-        except OSError as e:
-            raise HumeError(f"{marker}: cannot be read ({e.strerror}); remove it if no run of seed {seed} is there")
-        if method not in OWN:
-            raise HumeError(f"{marker}: names no method (expected hume or turtle); remove it if it is not a run's")
-        return method
-    found = {m for m, names in OWN.items() for name in names
-             if os.path.lexists(os.path.join(folder, name.format(seed)))}
-    if len(found) > 1:
-        raise HumeError(f"{folder}: seed {seed} holds files of both hume.py and run_turtle.py, which share "
-                        f"results_{seed}.pickle; keep each method in its own folder")
-    if found:
-        return found.pop()
-    shared = [name.format(seed) for name in SHARED if os.path.lexists(os.path.join(folder, name.format(seed)))]
-    if shared:
-        raise HumeError(f"{folder}: seed {seed} holds {' and '.join(shared)} of no known method (no task, checkpoint "
-                        f"or {os.path.basename(marker)}); move them or use another --seed or --exp_path")
-    return None
-
-
 # ---------------------------------------------------------------- reading a folder
 
 def find_tasks(folder: str) -> dict:
@@ -163,7 +162,7 @@ def find_tasks(folder: str) -> dict:
                         f"hume.py or run_turtle.py with --exp_path {folder} first")
     tasks = {}
     for s, name in names:
-        res = os.path.join(folder, f"results_{s}.pickle")
+        res = os.path.join(folder, SHARED[0].format(s))
         if s in tasks:
             raise HumeError(f"--tasks_path {folder}: seed {s} has both a HUME and a TURTLE task, which would share "
                             f"results_{s}.pickle; keep each method in its own folder")
