@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from numpy.typing import ArrayLike
 import torch
+from numpy.typing import ArrayLike
 
 from humelib import hume_args, hume_loop, inner_lr, turtle_args, turtle_loop
 from humelib.arrays import DEMO, check_array, check_labels
@@ -77,6 +77,11 @@ def settings_from(parser: argparse.ArgumentParser, flags: dict) -> argparse.Name
         parser.error(str(e))
 
 
+def spaces(x: ArrayLike | list) -> list:
+    """One array per representation space: a list or tuple of them, or one array alone."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def fit_hume(phi1: ArrayLike, phi2: ArrayLike | list, *, phi1_val: ArrayLike | None = None,
              phi2_val: ArrayLike | list | None = None, y_val: ArrayLike | None = None, quiet: bool = True,
              **flags: object) -> Fit:
@@ -86,17 +91,15 @@ def fit_hume(phi1: ArrayLike, phi2: ArrayLike | list, *, phi1_val: ArrayLike | N
     args = settings_from(hume_args.build_parser(__doc__, exit_on_error=False), dict(flags, quiet=quiet))
     hume_args.check_args(args)
     cfg = hume_args.Settings(**vars(args))
-    phi2s = list(phi2) if isinstance(phi2, (list, tuple)) else [phi2]
     if (phi1_val is None) != (phi2_val is None):
         raise HumeError("give both phi1_val and phi2_val, or neither (the training points are then labeled)")
     phi1 = check_array(phi1, "phi1")
-    phi2s = [check_array(p, f"phi2[{i}]") for i, p in enumerate(phi2s)]
+    phi2s = [check_array(p, f"phi2[{i}]") for i, p in enumerate(spaces(phi2))]
     if phi1_val is None:
         phi1_val, phi2s_val = phi1, phi2s
     else:
-        phi2s_val = list(phi2_val) if isinstance(phi2_val, (list, tuple)) else [phi2_val]
         phi1_val = check_array(phi1_val, "phi1_val")
-        phi2s_val = [check_array(p, f"phi2_val[{i}]") for i, p in enumerate(phi2s_val)]
+        phi2s_val = [check_array(p, f"phi2_val[{i}]") for i, p in enumerate(spaces(phi2_val))]
     y = None if y_val is None else check_labels(y_val, "y_val", len(phi1_val))
     data = check_data(cfg, Data(phi1, phi2s, phi1_val, phi2s_val, y))
     steps = inner_lr.resolve(cfg.inner_lr, data.phi2, cfg.quiet)
@@ -115,10 +118,9 @@ def fit_turtle(phis: ArrayLike | list, *, phis_val: ArrayLike | list | None = No
     args = settings_from(turtle_args.build_parser(__doc__, exit_on_error=False), dict(flags, quiet=quiet))
     turtle_args.check_args(args)
     args.cross_val = False
-    listed = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]
-    d = {"phis": [check_array(p, f"phis[{i}]") for i, p in enumerate(listed(phis))]}
+    d = {"phis": [check_array(p, f"phis[{i}]") for i, p in enumerate(spaces(phis))]}
     d["phis_val"] = d["phis"] if phis_val is None else [check_array(p, f"phis_val[{i}]")
-                                                        for i, p in enumerate(listed(phis_val))]
+                                                        for i, p in enumerate(spaces(phis_val))]
     d["y_val"] = None if y_val is None else check_labels(y_val, "y_val", len(d["phis_val"][0]))
     turtle_loop.check_data(args, d)
     theta, seconds = turtle_loop.train(args, d)
