@@ -93,7 +93,8 @@ def load_data(cfg: Settings) -> Data:
 
 def check_data(cfg: Settings, data: Data, names: dict | None = None) -> Data:
     """The arrays of a run checked against each other, against k and the subset size, and for the variance and row
-    norms HUME needs. names: (flag, path) of each array, as the errors name them (None: arrays given in memory)."""
+    norms HUME needs (y_val comes checked, its count too, from load_labels or check_labels). names: (flag, path) of
+    each array, as the errors name them (None: arrays given in memory)."""
     phi1, phi2, phi1_val, phi2_val = data.phi1, data.phi2, data.phi1_val, data.phi2_val
     names = names or {"phi1": ("phi1", "array"), "phi2": [(f"phi2[{i}]", "array") for i in range(len(phi2))],
                       "phi1_val": ("phi1_val", "array"), "phi2_val": [(f"phi2_val[{i}]", "array")
@@ -107,8 +108,6 @@ def check_data(cfg: Settings, data: Data, names: dict | None = None) -> Data:
             if train.shape[1] != val.shape[1]:
                 raise HumeError(f"{label(*name)} has dimension {val.shape[1]} but its training array has "
                                 f"{train.shape[1]}; both must come from the same representation")
-    if data.y_val is not None and len(data.y_val) != len(phi1_val):
-        raise HumeError(f"{len(data.y_val)} labels for {len(phi1_val)} evaluation points; give one label a point")
     n, d1 = phi1.shape
     if cfg.k > n:
         raise HumeError(f"--k {cfg.k} is larger than the number of training points ({n})")
