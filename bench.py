@@ -16,7 +16,10 @@ X_tr those 4 passes read (2 for first_order; bf16 reads a 2-byte copy), per seco
 bandwidth (a 512 MiB copy, bytes read + written). X_tr of one subset (28 MB at the paper's scale) may fit in a large
 L3 cache, so the subset layout may read it faster than memory streams. "MiB/step": growth of peak memory per inner
 step between the step counts given (--adaptation_steps 100,300), else peak / T. Method "bf16" is the adjoint with
---bf16; its row also gives the relative error of its hypergradient against float32 on the same subsets.
+--bf16; its row also gives the relative error of its hypergradient against float32 on the same subsets. "inner s":
+the least the inner loops can take per outer iteration at the rate the planner measured for its kernel (its timed
+inner step, two products and the softmax, x 2 for the backward pass, x S x T): s/iter less this is what the rest of
+the iteration costs, and another code's s/iter over it bounds any speed-up with this kernel on this CPU.
 --cv_score times the label-free score instead (cvscore.cv_score beside the paper's scikit-learn cross_val_score with
 n_jobs=-1, same process) on a separable labeling (argmax of a random linear map of the space: every fold runs all its
 iterations): the demo's evaluation set, 10,000 x 1,536 (hume.py at CIFAR-10 size) and two spaces of 768 and 1,536.
@@ -121,7 +124,9 @@ def worker(job):
     x_bytes = passes * m_tr * (d2 + 1) * (2 if obj.bf16 else 4) * S * T
     share = float(np.median(comm[job["warmup"]:]) / sec) if comm else 0.0
     err = bf16_error(encoder, phi1, phi2, batch, obj) if obj.bf16 and not world else None
-    return {"seconds": sec, "peak_mib": peak - base, "gflop": flops / 1e9, "x_gb": x_bytes / 1e9, "n": n,
+    mine = len(range(S)[distributed.share(world, S)]) if world else S
+    inner = plan.inner_seconds(mine, T) if plan else None
+    return {"seconds": sec, "inner_s": inner, "peak_mib": peak - base, "gflop": flops / 1e9, "x_gb": x_bytes / 1e9, "n": n,
             "allreduce_share": share, "bf16_error": err, "plan": plan and plan._asdict()}
 
 
@@ -163,13 +168,14 @@ def copy_bandwidth(device, mib=512, repeats=5):
 
 def cpu_isa():
     """What the products can use here: torch's CPU capability, the CPU's own vector and matrix flags, and the limits
-    set through oneDNN's and MKL's documented variables (a limit emulates an older CPU on this one)."""
+    set through the documented variables of oneDNN, MKL and ATen (a limit emulates an older CPU on this one)."""
     flags = set()
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx_ne_convert", "amx_bf16")
-    limits = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if v in os.environ]
+    limits = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+              if v in os.environ]
     return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags "
             f"{' '.join(f for f in wanted if f in flags) or 'unknown'}; limits {' '.join(limits) or 'none (native)'}")
 
@@ -251,7 +257,7 @@ def main():
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")
     print(f"ISA: {cpu_isa()}")
     print(f"{'scale':9} {'method':12} {'kernel, layout':22} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} "
-          f"{'peak MiB':>9} {'MiB/step':>8} {'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} "
+          f"{'inner s':>8} {'peak MiB':>9} {'MiB/step':>8} {'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} "
           f"{'bf16 err':>8}")
     rows, first = [], {}
     for scale in a.scale:
@@ -269,6 +275,7 @@ def main():
                 T0, peak0 = first.setdefault((scale, method, nproc), (T, r["peak_mib"]))
                 per_step = (r["peak_mib"] - peak0) / (T - T0) if T != T0 else r["peak_mib"] / T
                 row = dict(scale=scale, method=method, nproc=nproc, S=c["S"], T=T, n=r["n"], seconds=r["seconds"],
+                           inner_seconds=r["inner_s"],
                            allreduce_share=r["allreduce_share"], peak_mib=r["peak_mib"], mib_per_step=per_step,
                            fraction_of_peak=r["gflop"] / r["seconds"] / rate, x_gb_per_s=r["x_gb"] / r["seconds"],
                            bandwidth_gb_per_s=bw, bf16_error=r["bf16_error"], plan=r["plan"],
@@ -279,7 +286,8 @@ def main():
                 err = "" if r["bf16_error"] is None else f"{r['bf16_error']:.1e}"
                 how = "plain matmuls" if not r["plan"] else f"{r['plan']['kernel']}, {r['plan']['layout']}" + \
                     (f" x{r['plan']['workers']}" if r["plan"]["workers"] > 1 else "")
-                print(f"{scale:9} {method:12} {how:22} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} "
+                inner = "" if r["inner_s"] is None else f"{r['inner_s']:.3f}"
+                print(f"{scale:9} {method:12} {how:22} {nproc:>5} {c['S']:>3} {T:>4} {r['seconds']:9.3f} {inner:>8} "
                       f"{r['peak_mib']:9.1f} {per_step:8.2f} {vs:>12} {row['fraction_of_peak']:8.1%} "
                       f"{row['x_gb_per_s']:7.1f} {r['allreduce_share']:9.1%} {err:>8}", flush=True)
     if a.json:

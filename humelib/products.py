@@ -187,13 +187,26 @@ class Plan(NamedTuple):
     unavailable: dict[str, str]
     workers: int = 1
 
+    @property
+    def key(self) -> str:
+        """The timings' key of the planned candidate."""
+        return f"subset x{self.workers}" if self.workers > 1 else self.layout
+
     def summary(self) -> str:
         if not self.timings:
             return f"{self.kernel} kernel (pinned), one subset at a time"
-        key = f"subset x{self.workers}" if self.workers > 1 else self.layout
         at_once = f", {self.workers} subsets at a time" if self.workers > 1 else ""
-        ms = self.timings[key][self.kernel]
+        ms = self.timings[self.key][self.kernel]
         return f"{self.kernel} kernel, {self.layout} layout{at_once} ({ms:.2f} ms per inner step)"
+
+    def inner_seconds(self, S: int, T: int) -> float | None:
+        """The least an outer iteration's inner loops can take at the planned kernel's measured rate: S subsets of T
+        steps forward and T back, each back step's two products taken as no dearer than a forward step's (they are
+        the same products where the softmax outputs are kept; with the iterates kept the logits are 2k wide).
+        None for a pinned kernel (not timed)."""
+        if not self.timings:
+            return None
+        return 2 * T * (1 if self.layout == "shared" else S) * self.timings[self.key][self.kernel] / 1e3
 
 
 def plan(n: int, m: int, m_tr: int, D: int, k: int, S: int, device: str | torch.device = "cpu", bf16: bool = False,
@@ -238,7 +251,7 @@ def advice(p: Plan) -> str | None:
         return None
     if not p.timings:
         return None
-    key = f"subset x{p.workers}" if p.workers > 1 else p.layout
+    key = p.key
     fp32 = [t for kn, t in p.timings[key].items() if not kn.endswith("bf16")]
     if fp32 and min(fp32) < p.timings[key][p.kernel]:
         why = f" ({p.unavailable['onednn-bf16']})" if "onednn-bf16" in p.unavailable else ""

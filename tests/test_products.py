@@ -79,6 +79,8 @@ def test_plan_takes_the_fastest_per_outer_iteration(monkeypatch):
                     **{("subset", kn, 2): fake["x2"][kn] / 8 * S for kn in names},
                     **{("shared", kn, 1): fake[False][kn] for kn in names}}
         assert (p.layout, p.kernel, p.workers) == min(per_iter, key=per_iter.get) == want
+        # the floor bench.py prints: that candidate's outer iteration, forward and back (2 x), over T = 7 steps
+        assert p.inner_seconds(S, 7) == pytest.approx(2 * 7 * per_iter[want] / 1e3)
     p = products.plan(10**6, 120, 100, 8, 3, 4)  # a union of over 1.5 x a subset's rows: no shared layout
     assert "shared" not in p.timings and p.layout == "subset"
 
@@ -87,6 +89,7 @@ def test_a_pinned_kernel_is_not_timed(monkeypatch):
     monkeypatch.setattr(products, "_timings", lambda *a: pytest.fail("a pinned kernel must not be timed"))
     p = products.plan(150, 120, 100, 8, 3, 4, only="blas_t")
     assert (p.layout, p.kernel, p.workers, p.timings) == ("auto", "blas_t", 1, {})
+    assert p.inner_seconds(4, 10) is None  # nothing measured, no floor
 
 
 def test_run_concurrently_returns_every_result_in_order_and_restores_the_threads():
