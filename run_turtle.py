@@ -55,7 +55,7 @@ def main(argv=None):
         try:
             theta, seconds = turtle_loop.train(args, d, run)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue
-            e.hint = f"rerun the same command with --resume to continue from {run.checkpoint}"
+            e.hint = run.resume_hint(args.ckpt_every)
             raise
         results = turtle_loop.score(args, d, theta, seconds)
         run.commit(torch_bytes(export_turtle_task(theta)), results)  # one unit

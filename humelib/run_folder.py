@@ -118,6 +118,13 @@ class Run:
         finally:
             f.close()
 
+    def resume_hint(self, ckpt_every: int) -> str:
+        """What an interrupted run tells the user: continue from its checkpoint, or start over where none is written
+        yet (the first comes at iteration ckpt_every)."""
+        if os.path.isfile(self.checkpoint):
+            return f"rerun the same command with --resume to continue from {self.checkpoint}"
+        return f"no checkpoint yet (the first is written at iteration {ckpt_every}): rerun to start over"
+
     # ------------------------------------------------------------ the metrics log, in step with the checkpoint
 
     def begin_log(self, resumed_at: int | None) -> None:

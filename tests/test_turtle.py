@@ -152,6 +152,39 @@ def test_resume_equals_uninterrupted_run(problem, tmp_path):
     assert code == 2 and "--gamma" in err
 
 
+def test_an_interrupt_says_how_to_go_on(problem, tmp_path, monkeypatch):
+    """Ctrl-C before the first iteration: no checkpoint exists, so the line says to start over; Ctrl-C after two
+    iterations: a final checkpoint is written and the line names it with --resume. Exit 130 both times."""
+    import signal
+    from humelib import turtle_loop
+    argv = two_spaces(problem["paths"]) + FAST[2:] + ["--T", "6", "--ckpt_every", "4", "--seed", "0",
+                                                      "--exp_path", str(tmp_path / "run")]
+    ckpt = tmp_path / "run" / "turtle_checkpoint_0.pt"
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(turtle_loop, "make_turtle_encoder", interrupt)
+        code, _, err = cli(run_turtle.main, argv)
+    assert code == 130 and not ckpt.exists()
+    assert err.strip().splitlines()[-1] == ("interrupted (SIGINT): no checkpoint yet (the first is written at "
+                                            "iteration 4): rerun to start over")
+    step, calls = turtle_loop.outer_step, []
+
+    def step_then_signal(*a, **k):
+        calls.append(1)
+        out = step(*a, **k)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(turtle_loop, "outer_step", step_then_signal)
+    code, _, err = cli(run_turtle.main, argv)
+    assert code == 130 and ckpt.exists(), err
+    assert torch.load(str(ckpt), weights_only=True)["iteration"] == 2
+    assert err.strip().splitlines()[-1] == f"interrupted (SIGINT): rerun the same command with --resume to continue " \
+                                           f"from {ckpt}"
+
+
 def test_recovers_well_separated_labeling(tmp_path):
     _, phi2, y = blobs(n=400, k=5, d1=8, d2=10, seed=7, noise=0.3)
     folder = str(tmp_path)
