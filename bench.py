@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from humelib import distributed, outer, products
+from humelib import distributed, outer, products, runtime
 from humelib.arrays import DEMO
 from humelib.embeddings import Rows
 from humelib.flags import choice_list, default_device, device, int_in, int_list, make_parser
@@ -64,6 +64,7 @@ def rss_mib():
 
 def worker(job):
     """One measurement: outer iterations of one method at one scale; returns seconds/iteration and memory."""
+    runtime.large_buffers_in_huge_pages()  # as hume.py runs
     torch.manual_seed(0)
     world, comm = None, []
     if distributed.launched():

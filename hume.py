@@ -15,16 +15,16 @@ Equation numbers in comments are those of the paper (arXiv 2311.02940v1, the Neu
 code cites them: Eq. 3 the task encoder, Eq. 5 the inner problem, Eq. 7 HUME's objective.
 """
 import dataclasses
-import os
 
 from humelib import distributed, hume_args, hume_loop, inner_lr
 from humelib.embeddings import load_data
 from humelib.fileio import ensure_dir, torch_bytes
 from humelib.run_folder import Run
-from humelib.runtime import log, release_freed_memory, run_cli, summary
+from humelib.runtime import large_buffers_in_huge_pages, log, release_freed_memory, run_cli, summary
 
 
 def main(argv=None):
+    large_buffers_in_huge_pages()  # before the first large buffer
     cfg = hume_args.parse(__doc__, argv)
     world = distributed.init(cfg.num_subsets, cfg.device) if distributed.launched() else None
     if world:
@@ -51,7 +51,7 @@ def run(cfg, world):
         try:
             return train_and_finish(cfg, data, folder, world)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (SLURM): say how to continue
-            e.hint = resume_hint(cfg, folder)
+            e.hint = folder.resume_hint(cfg.ckpt_every)
             raise
 
 
@@ -71,12 +71,6 @@ def train_and_finish(cfg, data, folder, world):
     release_freed_memory()
     log(summary(state["seconds"], results), cfg.quiet)
     return results
-
-
-def resume_hint(cfg, folder):
-    if os.path.isfile(folder.checkpoint):
-        return f"rerun the same command with --resume to continue from {folder.checkpoint}"
-    return f"no checkpoint yet (the first is written at iteration {cfg.ckpt_every}): rerun to start over"
 
 
 if __name__ == "__main__":

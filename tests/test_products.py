@@ -3,7 +3,6 @@ documented ISA limit in a child process), the planner's choice, and the hypergra
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -91,32 +90,6 @@ def test_a_pinned_kernel_is_not_timed(monkeypatch):
     p = products.plan(150, 120, 100, 8, 3, 4, only="blas_t")
     assert (p.layout, p.kernel, p.workers, p.timings) == ("auto", "blas_t", 1, {})
     assert p.inner_seconds(4, 10) is None  # nothing measured, no floor
-
-
-THP_CHILD = """
-import os, sys, torch
-import humelib
-X = torch.ones(8 * 2**20)  # 32 MiB, touched
-kb = [int(ln.split()[1]) for ln in open("/proc/self/smaps_rollup") if ln.startswith("AnonHugePages")]
-print(os.environ["THP_MEM_ALLOC_ENABLE"], kb[0] if kb else -1)
-"""
-
-
-@pytest.mark.parametrize("user", [None, "0"])
-def test_large_buffers_get_2MB_pages_unless_the_user_says_no(user):
-    """Importing humelib turns on PyTorch's huge-page allocation for large CPU buffers (a fresh interpreter that
-    imports torch first, as the scripts do); a value the user set is kept. Where the kernel gives huge pages only to
-    regions that ask for them ("madvise"), the 32 MiB buffer lies in 2 MB pages exactly when it is on."""
-    env = {k: v for k, v in child_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if user is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = user
-    out = subprocess.run([sys.executable, "-c", THP_CHILD], env=env, capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    setting, huge_kb = out.stdout.split()
-    assert setting == (user or "1")
-    mode = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if os.path.exists(mode) and "[madvise]" in open(mode).read() and int(huge_kb) >= 0:
-        assert (int(huge_kb) >= 16 * 1024) == (setting == "1"), huge_kb
 
 
 def test_run_concurrently_returns_every_result_in_order_and_restores_the_threads():

@@ -117,3 +117,47 @@ def test_release_freed_memory_runs_where_glibc_has_malloc_trim():
     ran = runtime.release_freed_memory()
     assert isinstance(ran, bool)
     assert ran == (platform.libc_ver()[0] == "glibc")
+
+
+HUGE_CHILD = """
+import os, sys, torch
+from humelib import runtime
+if sys.argv[1] == "on":
+    runtime.large_buffers_in_huge_pages()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+huge = lambda: next(int(ln.split()[1]) for ln in open("/proc/self/smaps_rollup") if ln.startswith("AnonHuge")) // 1024
+a = torch.ones(6 * 2**20)  # 24 MiB: glibc maps it on its own; freeing it raises glibc's own threshold to 24 MiB
+in_huge_pages = huge()
+del a
+before = rss()
+b, c = torch.ones(4 * 2**20), torch.ones(4 * 2**20)  # 16 MiB each: under a raised threshold, in the heap
+del b, c
+print(os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), in_huge_pages, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux only (reads /proc)")
+@pytest.mark.parametrize("user", [None, "0"])
+def test_training_buffers_go_to_huge_pages_and_back_to_the_os_once_freed(user):
+    """large_buffers_in_huge_pages (hume.py's first call), in a fresh interpreter: torch's large buffers in 2 MB pages
+    where the kernel gives them to regions that ask ("madvise" mode), and freed ones no longer kept in the heap (the
+    32 MiB that stay resident without it); a user's THP_MEM_ALLOC_ENABLE=0 keeps both as they were."""
+    import subprocess
+    import sys
+    from helpers import REPO, child_env
+    env = {k: v for k, v in child_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user
+    got = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", HUGE_CHILD, mode], env=env, capture_output=True, text=True,
+                             cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        setting, huge_mib, kept_mib = out.stdout.split()
+        got[mode] = [setting, int(huge_mib), int(kept_mib)]
+    assert got["off"][0] == (user or "unset") and got["off"][2] >= 28  # glibc's default keeps the freed 32 MiB
+    on = user is None
+    assert got["on"][0] == (user or "1") and (got["on"][2] <= 4) == on
+    mode = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(mode) and "[madvise]" in open(mode).read():
+        assert (got["on"][1] >= 16) == on and got["off"][1] == 0
