@@ -125,10 +125,9 @@ def worker(job):
     x_bytes = passes * m_tr * (d2 + 1) * (2 if obj.bf16 else 4) * S * T
     share = float(np.median(comm[job["warmup"]:]) / sec) if comm else 0.0
     err = bf16_error(encoder, phi1, phi2, batch, obj) if obj.bf16 and not world else None
-    mine = len(range(S)[distributed.share(world, S)]) if world else S
-    inner = plan.inner_seconds(mine, T) if plan else None
-    return {"seconds": sec, "inner_s": inner, "peak_mib": peak - base, "gflop": flops / 1e9, "x_gb": x_bytes / 1e9, "n": n,
-            "allreduce_share": share, "bf16_error": err, "plan": plan and plan._asdict()}
+    inner = plan and plan.inner_seconds(len(range(S)[distributed.share(world, S)]) if world else S, T)
+    return {"seconds": sec, "inner_s": inner, "peak_mib": peak - base, "gflop": flops / 1e9, "x_gb": x_bytes / 1e9,
+            "n": n, "allreduce_share": share, "bf16_error": err, "plan": plan and plan._asdict()}
 
 
 def bf16_error(encoder, phi1, phi2, batch, obj):
@@ -258,8 +257,8 @@ def main():
     print(f"device: {name}; sustained GEMM rate {rate:.1f} GFLOP/s; streaming copy {bw:.1f} GB/s")
     print(f"ISA: {cpu_isa()}")
     print(f"{'scale':9} {'method':12} {'kernel, layout':22} {'procs':>5} {'S':>3} {'T':>4} {'s/iter':>9} "
-          f"{'inner s':>8} {'peak MiB':>9} {'MiB/step':>8} {'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} {'allreduce':>9} "
-          f"{'bf16 err':>8}")
+          f"{'inner s':>8} {'peak MiB':>9} {'MiB/step':>8} {'vs unrolled':>12} {'of peak':>8} {'GB/s X':>7} "
+          f"{'allreduce':>9} {'bf16 err':>8}")
     rows, first = [], {}
     for scale in a.scale:
         c = dict(SCALES[scale])

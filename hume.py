@@ -24,7 +24,6 @@ from humelib.runtime import large_buffers_in_huge_pages, log, release_freed_memo
 
 
 def main(argv=None):
-    large_buffers_in_huge_pages()  # before the first large buffer
     cfg = hume_args.parse(__doc__, argv)
     world = distributed.init(cfg.num_subsets, cfg.device) if distributed.launched() else None
     if world:
@@ -74,4 +73,5 @@ def train_and_finish(cfg, data, folder, world):
 
 
 if __name__ == "__main__":
+    large_buffers_in_huge_pages()  # this process's allocator, before its first large buffer
     run_cli(main)

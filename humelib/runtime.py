@@ -137,13 +137,13 @@ def release_freed_memory() -> bool:
 
 
 def large_buffers_in_huge_pages() -> None:
-    """For a training script's process, before its first large allocation: torch's CPU buffers of 2 MB and more in
-    2 MB pages (PyTorch's THP_MEM_ALLOC_ENABLE, where Linux gives transparent huge pages to the regions that ask, its
-    "madvise" mode), each mapped on its own (glibc's mmap threshold fixed at 2 MB, not raised as buffers are freed),
-    so that a freed one goes back to the OS at once. The inner loops stream X_tr and its packed copies, tens of MB,
-    four times a step: with 4 KB pages the TLB misses slow every product. Without the fixed threshold, subsets run on
-    several threads at once leave their freed buffers in the threads' heaps, now in 2 MB pages, and the peak grows.
-    A value the user set for either wins (THP_MEM_ALLOC_ENABLE=0: neither)."""
+    """For a training script's process (called in its __main__, before the first large allocation): torch's CPU
+    buffers of 2 MB and more in 2 MB pages (PyTorch's THP_MEM_ALLOC_ENABLE, where Linux gives transparent huge pages
+    to the regions that ask, its "madvise" mode), each mapped on its own (glibc's mmap threshold fixed at 2 MB, not
+    raised as buffers are freed), so that a freed one goes back to the OS at once. The inner loops stream X_tr and
+    its packed copies, tens of MB, four times a step: with 4 KB pages the TLB misses slow every product. Without the
+    fixed threshold, subsets run on several threads at once leave their freed buffers in the threads' heaps, now in
+    2 MB pages, and the peak grows. A value the user set for either wins (THP_MEM_ALLOC_ENABLE=0: neither)."""
     import ctypes
     import os
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -139,6 +139,18 @@ def cli(main, argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def signal_after(fn, n, signum, calls):
+    """fn wrapped to send this process signum right after its n-th call returns (a signal arriving while the n-th
+    outer iteration runs); calls: a list the wrapper appends to on each call."""
+    def wrapped(*a, **k):
+        calls.append(1)
+        out = fn(*a, **k)
+        if len(calls) == n:
+            os.kill(os.getpid(), signum)
+        return out
+    return wrapped
+
+
 STEP_TIMEOUT = 300  # seconds, per script run
 
 

@@ -11,7 +11,7 @@ import torch
 
 import hume
 from humelib import outer, run_folder
-from helpers import FAST, KERNEL, REPO, child_env, cli, refused, temp_files, write_problem
+from helpers import FAST, KERNEL, REPO, child_env, cli, refused, signal_after, temp_files, write_problem
 from test_sweep import SWEEP, bash, stand_ins
 
 BUDGET = ["--k", "4", "--num_subsets", "2", "--adaptation_steps", "5", "--subset_size", "100", "--outer_lr", "0.01",
@@ -85,15 +85,8 @@ def test_a_signal_in_the_last_iteration_checkpoints_it_and_resume_only_finishes(
     folder = str(tmp_path / "run")
     argv = ["--phi1_path", P["phi1"], "--phi2_path", P["phi2"], "--exp_path", folder, "--k", "4", "--seed", "0",
             "--ckpt_every", "50"] + FAST  # 3 iterations
-    calls, outer_step = [], outer.outer_step
-
-    def step_then_signal(*a, **k):  # SIGTERM arrives while the last iteration runs
-        calls.append(1)
-        out = outer_step(*a, **k)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-    monkeypatch.setattr(outer, "outer_step", step_then_signal)
+    calls = []  # SIGTERM arrives while the last iteration runs
+    monkeypatch.setattr(outer, "outer_step", signal_after(outer.outer_step, 3, signal.SIGTERM, calls))
     code, _, err = cli(hume.main, argv)
     assert code == 143 and "--resume" in err.strip().splitlines()[-1]
     assert torch.load(os.path.join(folder, "checkpoint_0.pt"), weights_only=True)["iteration"] == 3

@@ -14,7 +14,7 @@ import annotate
 import evaluate
 import plot
 import run_turtle
-from helpers import REPO, blobs, child_env, cli, hungarian_acc, save_npy
+from helpers import REPO, blobs, child_env, cli, hungarian_acc, save_npy, signal_after
 
 FAST = ["--T", "4", "--M", "2", "--eval_every", "2", "--device", "cpu", "--quiet"]
 
@@ -169,15 +169,7 @@ def test_an_interrupt_says_how_to_go_on(problem, tmp_path, monkeypatch):
     assert code == 130 and not ckpt.exists()
     assert err.strip().splitlines()[-1] == ("interrupted (SIGINT): no checkpoint yet (the first is written at "
                                             "iteration 4): rerun to start over")
-    step, calls = turtle_loop.outer_step, []
-
-    def step_then_signal(*a, **k):
-        calls.append(1)
-        out = step(*a, **k)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-    monkeypatch.setattr(turtle_loop, "outer_step", step_then_signal)
+    monkeypatch.setattr(turtle_loop, "outer_step", signal_after(turtle_loop.outer_step, 2, signal.SIGINT, []))
     code, _, err = cli(run_turtle.main, argv)
     assert code == 130 and ckpt.exists(), err
     assert torch.load(str(ckpt), weights_only=True)["iteration"] == 2

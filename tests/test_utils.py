@@ -139,9 +139,9 @@ print(os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), in_huge_pages, rss() - be
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux only (reads /proc)")
 @pytest.mark.parametrize("user", [None, "0"])
 def test_training_buffers_go_to_huge_pages_and_back_to_the_os_once_freed(user):
-    """large_buffers_in_huge_pages (hume.py's first call), in a fresh interpreter: torch's large buffers in 2 MB pages
-    where the kernel gives them to regions that ask ("madvise" mode), and freed ones no longer kept in the heap (the
-    32 MiB that stay resident without it); a user's THP_MEM_ALLOC_ENABLE=0 keeps both as they were."""
+    """large_buffers_in_huge_pages (what hume.py runs first), in a fresh interpreter: torch's large buffers in 2 MB
+    pages where the kernel gives them to regions that ask ("madvise" mode), and freed ones no longer kept in the heap
+    (the 32 MiB that stay resident without it); a user's THP_MEM_ALLOC_ENABLE=0 keeps both as they were."""
     import subprocess
     import sys
     from helpers import REPO, child_env
