@@ -192,12 +192,17 @@ class Plan(NamedTuple):
         """The timings' key of the planned candidate."""
         return f"subset x{self.workers}" if self.workers > 1 else self.layout
 
+    @property
+    def step_ms(self) -> float | None:
+        """Milliseconds per inner step of the planned candidate (per subset; of all subsets in the shared layout),
+        None for a pinned kernel (not timed)."""
+        return self.timings[self.key][self.kernel] if self.timings else None
+
     def summary(self) -> str:
         if not self.timings:
             return f"{self.kernel} kernel (pinned), one subset at a time"
         at_once = f", {self.workers} subsets at a time" if self.workers > 1 else ""
-        ms = self.timings[self.key][self.kernel]
-        return f"{self.kernel} kernel, {self.layout} layout{at_once} ({ms:.2f} ms per inner step)"
+        return f"{self.kernel} kernel, {self.layout} layout{at_once} ({self.step_ms:.2f} ms per inner step)"
 
     def inner_seconds(self, S: int, T: int) -> float | None:
         """The least an outer iteration's inner loops can take at the planned kernel's measured rate: S subsets of T
@@ -206,7 +211,7 @@ class Plan(NamedTuple):
         None for a pinned kernel (not timed)."""
         if not self.timings:
             return None
-        return 2 * T * (1 if self.layout == "shared" else S) * self.timings[self.key][self.kernel] / 1e3
+        return 2 * T * (1 if self.layout == "shared" else S) * self.step_ms / 1e3
 
 
 def plan(n: int, m: int, m_tr: int, D: int, k: int, S: int, device: str | torch.device = "cpu", bf16: bool = False,
@@ -251,10 +256,9 @@ def advice(p: Plan) -> str | None:
         return None
     if not p.timings:
         return None
-    key = p.key
-    fp32 = [t for kn, t in p.timings[key].items() if not kn.endswith("bf16")]
-    if fp32 and min(fp32) < p.timings[key][p.kernel]:
+    fp32 = [t for kn, t in p.timings[p.key].items() if not kn.endswith("bf16")]
+    if fp32 and min(fp32) < p.step_ms:
         why = f" ({p.unavailable['onednn-bf16']})" if "onednn-bf16" in p.unavailable else ""
-        return (f"--bf16 is slower than float32 on this machine: {p.timings[key][p.kernel]:.2f} vs "
+        return (f"--bf16 is slower than float32 on this machine: {p.step_ms:.2f} vs "
                 f"{min(fp32):.2f} ms per inner step with the fastest bfloat16 kernel, {p.kernel}{why}; drop --bf16")
     return None
